@@ -1,1 +1,4 @@
 //! sim
+mod model;
+
+pub use model::{DropReason, Link, LinkConfig, LinkStats, LossModel, ModelError, Verdict};
