@@ -47,6 +47,13 @@ pub struct Report {
     pub buffer_ms: u64,
     /// Media bitrate delivered over the last interval, bits per second.
     pub bitrate_bps: u64,
+    /// Time from connecting to the first delivered block, milliseconds (join
+    /// time); 0 until a block has been delivered.
+    pub startup_ms: u64,
+    /// Stalls (buffer ran dry) since joining.
+    pub stalls: u64,
+    /// Total stalled time since joining, milliseconds.
+    pub stall_ms: u64,
 }
 
 /// Quality figures the server sends back to each viewer.
@@ -263,6 +270,9 @@ impl Encode for Report {
             self.latency_p99_us,
             self.buffer_ms,
             self.bitrate_bps,
+            self.startup_ms,
+            self.stalls,
+            self.stall_ms,
         ] {
             VarInt::write(v, buf);
         }
@@ -282,6 +292,9 @@ impl Decode for Report {
             latency_p99_us: VarInt::read(buf)?,
             buffer_ms: VarInt::read(buf)?,
             bitrate_bps: VarInt::read(buf)?,
+            startup_ms: VarInt::read(buf)?,
+            stalls: VarInt::read(buf)?,
+            stall_ms: VarInt::read(buf)?,
         })
     }
 }
@@ -448,6 +461,9 @@ mod tests {
                 latency_p99_us: 27_000,
                 buffer_ms: 30,
                 bitrate_bps: 8_000_000,
+                startup_ms: 120,
+                stalls: 1,
+                stall_ms: 300,
             }),
             ControlMessage::Stall,
             ControlMessage::Resume,
