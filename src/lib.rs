@@ -1,13 +1,82 @@
-//! quicast: low-latency live media over QUIC datagrams with Reed-Solomon FEC.
+//! # quicast
+//!
+//! Low-latency live media over QUIC. A [`Server`] sends media *blocks* to many
+//! viewers as unreliable QUIC datagrams (RFC 9221). Each block is Reed-Solomon
+//! encoded once into `k` data and `m` parity shards, so a viewer rebuilds a
+//! lost packet from parity instead of waiting a round trip for a
+//! retransmission. On the same connection a reliable bidirectional stream
+//! carries control messages and viewer reports.
+//!
+//! ## Architecture
+//!
+//! A sans-IO core with a thin async shell, as in quinn-proto and quinn:
+//!
+//! | module | role |
+//! |---|---|
+//! | [`wire`] | PURE byte layouts: the datagram shard header and control messages |
+//! | [`fec`] | PURE block ↔ shards codec with deadline eviction |
+//! | [`session`] | PURE receiver state machine (time passed in), rate limiter |
+//! | [`net`] | THIN SHELL: quinn endpoints, TLS, control framing, [`Server`], [`Client`] |
+//! | [`sim`] | in-process loss, delay, jitter and bandwidth models below QUIC |
+//!
+//! The pure modules never touch tokio, quinn or a clock, and are tested with a
+//! clock the test moves.
+//!
+//! ## Quick start
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use quicast::{Client, ClientConfig, Event, Identity, Server, ServerConfig};
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Server: a dev certificate is generated into certs/ on first use.
+//! let mut config = ServerConfig::new(Identity::DevCertificate { dir: "certs".into() });
+//! config.listen("127.0.0.1:4433".parse()?);
+//! let server = Server::bind(config)?;
+//! let mut live = server.publish("live", None)?;
+//! tokio::spawn(server.run());
+//! tokio::spawn(async move {
+//!     for i in 0u64.. {
+//!         live.send(bytes::Bytes::from(vec![i as u8; 10_000]), i % 50 == 0).unwrap();
+//!         tokio::time::sleep(Duration::from_millis(10)).await;
+//!     }
+//! });
+//!
+//! // Viewer: trusts the dev certificate explicitly; verification stays on.
+//! let mut config = ClientConfig::new("127.0.0.1:4433".parse()?, "live");
+//! config.load_roots(&quicast::net::tls::dev_cert_path("certs".as_ref()))?;
+//! config.latency(Duration::from_millis(100));
+//! let mut viewer = Client::connect(config).await?;
+//! while let Some(event) = viewer.next().await {
+//!     match event? {
+//!         Event::Block { seq, data, .. } => println!("block {seq}: {} bytes", data.len()),
+//!         Event::Lost { seq } => println!("block {seq} lost"),
+//!         Event::End => break,
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! ## Feature flags
+//!
+//! None yet: Reed-Solomon always uses `reed-solomon-erasure`'s `simd-accel`.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod analytics;
+pub mod config;
+mod error;
 pub mod fec;
 pub mod net;
 pub mod session;
 pub mod sim;
 pub mod wire;
+
+pub use config::{ClientConfig, CongestionControl, Identity, ServerConfig};
+pub use error::{ClientError, CloseCode, ServerError, TlsError};
+pub use net::{Client, Publisher, Server, ServerStats, Subscription};
+pub use session::{Event, ReceiverStats};
 
 #[cfg(test)]
 pub(crate) mod testing {

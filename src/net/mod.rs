@@ -1,1 +1,14 @@
-//! net
+//! THIN SHELL: quinn endpoints and connections around the pure core.
+//!
+//! Only this module touches quinn, tokio and the clock. It moves bytes between
+//! quinn and [`fec`](crate::fec) / [`session`](crate::session), and spawns
+//! nothing the application cannot stop: the [`Server::run`] future owns every
+//! connection task, and a [`Subscription`] does its work while it is polled.
+
+mod client;
+mod control;
+mod server;
+pub mod tls;
+
+pub use client::{Client, Subscription};
+pub use server::{Publisher, Server, ServerStats};

@@ -501,7 +501,8 @@ mod tests {
             for part in [&stream[..split], &stream[split..]] {
                 buf.extend_from_slice(part);
                 let mut rd = &buf[..];
-                while let Some(m) = ControlMessage::decode_frame(&mut rd, MAX_CONTROL_FRAME).unwrap()
+                while let Some(m) =
+                    ControlMessage::decode_frame(&mut rd, MAX_CONTROL_FRAME).unwrap()
                 {
                     out.push(m);
                 }

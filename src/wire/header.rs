@@ -327,8 +327,21 @@ mod tests {
         );
         let cases = [
             (ShardHeader { k: 0, ..sample() }, "k"),
-            (ShardHeader { k: 200, m: 57, ..sample() }, "k + m"),
-            (ShardHeader { index: 14, ..sample() }, "shard index"),
+            (
+                ShardHeader {
+                    k: 200,
+                    m: 57,
+                    ..sample()
+                },
+                "k + m",
+            ),
+            (
+                ShardHeader {
+                    index: 14,
+                    ..sample()
+                },
+                "shard index",
+            ),
         ];
         for (h, what) in cases {
             assert_eq!(

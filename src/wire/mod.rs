@@ -10,10 +10,11 @@ mod header;
 mod varint;
 
 pub use control::{
-    ClientEvent, ControlMessage, Report, Summary, MAX_CONTROL_FRAME, MAX_STRING_LEN,
-    MAX_TOKEN_LEN,
+    ClientEvent, ControlMessage, Report, Summary, MAX_CONTROL_FRAME, MAX_STRING_LEN, MAX_TOKEN_LEN,
 };
-pub use header::{Flags, ShardHeader, MAX_HEADER_LEN, MAX_SHARDS};
+pub use header::{
+    data_shards_for, group_span, Flags, ShardHeader, MAX_BLOCK_LEN, MAX_HEADER_LEN, MAX_SHARDS,
+};
 pub use varint::{VarInt, MAX_VARINT};
 
 /// Datagram and control protocol version spoken by this crate.

@@ -1,0 +1,201 @@
+//! Pieces shared by the example binaries: impairment flags, tracing, the
+//! synthetic stream, and the viewer's report.
+#![allow(dead_code)] // each example uses a different subset
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use quicast::{
+    sim::{Impairment, LinkConfig, LossModel},
+    ReceiverStats,
+};
+
+/// Simulated impairment of this endpoint's socket (both directions).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ImpairArgs {
+    /// Simulated random packet loss on this endpoint's socket, as a fraction (0.05 = 5%).
+    /// Applied to packets arriving at this endpoint.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub loss: f64,
+    /// Mean loss burst length in packets; above 1 uses the Gilbert-Elliott bursty model.
+    #[arg(long, default_value_t = 1.0, value_name = "PACKETS")]
+    pub burst: f64,
+    /// Simulated one-way delay added to packets arriving at this endpoint, milliseconds.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub delay: u64,
+    /// Seed of the simulated loss, for reproducible runs.
+    #[arg(long, default_value_t = 1, value_name = "S")]
+    pub seed: u64,
+}
+
+impl ImpairArgs {
+    /// The impairment to apply, or None for a plain UDP socket.
+    pub fn impairment(&self) -> anyhow::Result<Option<Impairment>> {
+        if self.loss <= 0.0 && self.delay == 0 {
+            return Ok(None);
+        }
+        let mut inbound = LinkConfig::default();
+        let model = if self.loss <= 0.0 {
+            LossModel::None
+        } else if self.burst > 1.0 {
+            LossModel::gilbert_elliott(self.loss, self.burst)?
+        } else {
+            LossModel::iid(self.loss)?
+        };
+        inbound.loss(model).delay(Duration::from_millis(self.delay));
+        Ok(Some(Impairment {
+            inbound,
+            outbound: LinkConfig::default(),
+            seed: self.seed,
+        }))
+    }
+
+    /// A UDP socket at `addr`, impaired if asked.
+    pub fn socket(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<Option<Arc<dyn quinn::AsyncUdpSocket>>> {
+        Ok(match self.impairment()? {
+            Some(imp) => Some(quicast::sim::bind(addr, imp)?),
+            None => None,
+        })
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `warn`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Where dev certificates live: certs/ at the repository root.
+pub fn certs_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("certs")
+}
+
+/// MPEG-TS packet size; blocks are multiples of it so packets are never split.
+pub const TS_PACKET: usize = 188;
+
+/// A synthetic MPEG-TS-shaped stream: 188-byte packets with a sync byte, a PID,
+/// a continuity counter and a running packet number, so any byte is checkable.
+pub struct Synthetic {
+    packet: u64,
+}
+
+impl Synthetic {
+    pub fn new() -> Self {
+        Synthetic { packet: 0 }
+    }
+
+    /// The next `len` bytes (rounded down to whole packets, at least one).
+    pub fn block(&mut self, len: usize) -> bytes::Bytes {
+        let packets = (len / TS_PACKET).max(1);
+        let mut out = Vec::with_capacity(packets * TS_PACKET);
+        for _ in 0..packets {
+            let n = self.packet;
+            self.packet += 1;
+            out.push(0x47);
+            out.extend_from_slice(&[0x01, 0x00]); // PID 0x100
+            out.push(0x10 | (n & 0x0f) as u8); // payload only, continuity counter
+            out.extend_from_slice(&n.to_be_bytes());
+            out.extend((12..TS_PACKET).map(|i| (n as usize + i) as u8));
+        }
+        out.into()
+    }
+}
+
+/// Prints the viewer's final report as a table on stderr.
+pub fn print_report(stats: &ReceiverStats, elapsed: Duration, wire_bytes: Option<u64>) {
+    let lat = stats.latency();
+    let total = stats.blocks_delivered + stats.blocks_lost;
+    let pct = |n: u64| {
+        if total == 0 {
+            0.0
+        } else {
+            100.0 * n as f64 / total as f64
+        }
+    };
+    eprintln!();
+    eprintln!("  quicast viewer report ({:.1} s)", elapsed.as_secs_f64());
+    eprintln!("  ─────────────────────────────────────────────");
+    eprintln!(
+        "  blocks delivered      {:>10}  {:>7.3} %",
+        stats.blocks_delivered,
+        pct(stats.blocks_delivered)
+    );
+    eprintln!(
+        "    recovered by FEC    {:>10}  {:>7.3} %",
+        stats.blocks_recovered,
+        pct(stats.blocks_recovered)
+    );
+    eprintln!(
+        "  blocks lost           {:>10}  {:>7.3} %",
+        stats.blocks_lost,
+        pct(stats.blocks_lost)
+    );
+    eprintln!("  blocks late           {:>10}", stats.blocks_late);
+    eprintln!(
+        "  media delivered       {:>10.2} MB",
+        stats.bytes_delivered as f64 / 1e6
+    );
+    eprintln!(
+        "  shards received       {:>10}  (rebuilt {}, duplicate {}, late {}, malformed {})",
+        stats.shards_received,
+        stats.shards_rebuilt,
+        stats.duplicates,
+        stats.shards_late,
+        stats.malformed
+    );
+    eprintln!(
+        "  latency p50 / p99     {:>7.2} / {:.2} ms",
+        lat.p50, lat.p99
+    );
+    eprintln!(
+        "  latency p99.9 / max   {:>7.2} / {:.2} ms",
+        lat.p999, lat.max
+    );
+    if let Some(wire) = wire_bytes {
+        if stats.bytes_delivered > 0 {
+            eprintln!(
+                "  overhead (wire/media) {:>9.1} %",
+                100.0 * (wire as f64 / stats.bytes_delivered as f64 - 1.0)
+            );
+        }
+    }
+}
+
+/// One progress line, redrawn in place.
+pub fn progress_line(stats: &ReceiverStats, elapsed: Duration) -> String {
+    let lat = stats.latency();
+    format!(
+        "\r{:>6.1}s  delivered {:>7}  recovered {:>6}  lost {:>5}  late {:>4}  p50 {:>6.2} ms  p99 {:>6.2} ms  {:>6.2} Mbit/s ",
+        elapsed.as_secs_f64(),
+        stats.blocks_delivered,
+        stats.blocks_recovered,
+        stats.blocks_lost,
+        stats.blocks_late,
+        lat.p50,
+        lat.p99,
+        stats.bytes_delivered as f64 * 8.0 / elapsed.as_secs_f64().max(1e-3) / 1e6,
+    )
+}
+
+/// The viewer's final stats as JSON (the keys the docs promise).
+pub fn stats_json(stats: &ReceiverStats) -> serde_json::Value {
+    let lat = stats.latency();
+    serde_json::json!({
+        "blocks_delivered": stats.blocks_delivered,
+        "blocks_recovered": stats.blocks_recovered,
+        "blocks_lost": stats.blocks_lost,
+        "blocks_late": stats.blocks_late,
+        "bytes_delivered": stats.bytes_delivered,
+        "shards_received": stats.shards_received,
+        "shards_rebuilt": stats.shards_rebuilt,
+        "duplicates": stats.duplicates,
+        "malformed": stats.malformed,
+        "latency_ms": { "p50": lat.p50, "p99": lat.p99, "p999": lat.p999, "max": lat.max },
+    })
+}

@@ -1,0 +1,188 @@
+//! quicast server: publishes one live stream from a file, stdin or a built-in
+//! synthetic source, as FEC-protected QUIC datagrams.
+//!
+//! ```text
+//! cargo run --release --example server -- --input movie.ts --bitrate 8000000
+//! ```
+
+mod common;
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Parser;
+use quicast::{config::FecConfig, CongestionControl, Identity, Server, ServerConfig};
+use tokio::io::AsyncReadExt;
+
+/// Serve a live stream to quicast viewers over QUIC datagrams with Reed-Solomon FEC.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// UDP address to listen on.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    listen: SocketAddr,
+    /// Media to send: a file, or `-` for stdin. Default: a built-in synthetic stream.
+    #[arg(long, value_name = "PATH")]
+    input: Option<String>,
+    /// Pace of the input in bits per second (also the synthetic stream's rate).
+    #[arg(long, default_value_t = 8_000_000)]
+    bitrate: u64,
+    /// Bytes per block. Default 112 MPEG-TS packets (21056 bytes, 20 shards of 1100 bytes);
+    /// keep it a multiple of 188 so TS packets are never split.
+    #[arg(long, default_value_t = 188 * 112)]
+    block_size: usize,
+    /// Name of the stream viewers subscribe to.
+    #[arg(long, default_value = "live")]
+    stream: String,
+    /// Parity shards per data shard encoded for every block (0.25 = 25%).
+    #[arg(long, default_value_t = 0.25)]
+    redundancy: f64,
+    /// Most data shards per code group; larger groups protect better against random loss.
+    #[arg(long, default_value_t = 32)]
+    max_data_shards: usize,
+    /// Access token viewers must present. Default: open.
+    #[arg(long)]
+    token: Option<String>,
+    /// Certificate chain (PEM). Default: a dev certificate generated into certs/.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) for --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Congestion controller: bbr, cubic or newreno.
+    #[arg(long, default_value = "bbr")]
+    congestion: CongestionControl,
+    /// Start reading the input when the first viewer subscribes.
+    #[arg(long)]
+    start_on_viewer: bool,
+    /// Exit 0 once the input has ended and every viewer has been told.
+    #[arg(long)]
+    exit_at_end: bool,
+    #[command(flatten)]
+    impair: common::ImpairArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    common::init_tracing();
+    let args = Args::parse();
+    let identity = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => Identity::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => Identity::DevCertificate {
+            dir: common::certs_dir(),
+        },
+    };
+    let mut fec = FecConfig::default();
+    fec.set_redundancy(args.redundancy)?;
+    fec.set_max_data_shards(args.max_data_shards)?;
+    let mut config = ServerConfig::new(identity);
+    config
+        .listen(args.listen)
+        .fec(fec)
+        .congestion(args.congestion)
+        .token(args.token.clone().map(Bytes::from));
+    let server = match args.impair.socket(args.listen)? {
+        Some(socket) => Server::bind_socket(config, socket),
+        None => Server::bind(config),
+    }
+    .context("starting server")?;
+    let mut publisher = server.publish(&args.stream, None)?;
+    eprintln!(
+        "quicast server on {} stream {:?} ({} kbit/s, {} byte blocks)",
+        server.local_addr()?,
+        args.stream,
+        args.bitrate / 1000,
+        args.block_size
+    );
+    let driver = tokio::spawn(server.run());
+
+    if args.start_on_viewer {
+        eprintln!("waiting for the first viewer...");
+        publisher.wait_for_viewers(1).await;
+    }
+    let block_size = args.block_size.max(1);
+    let interval = Duration::from_secs_f64(block_size as f64 * 8.0 / args.bitrate.max(1) as f64);
+    // Mark a sync point about once a second.
+    let sync_every = (1.0 / interval.as_secs_f64()).ceil().max(1.0) as u64;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let mut input: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>> =
+        match args.input.as_deref() {
+            None => None,
+            Some("-") => Some(Box::new(tokio::io::stdin())),
+            Some(path) => Some(Box::new(
+                tokio::fs::File::open(path)
+                    .await
+                    .with_context(|| format!("opening {path}"))?,
+            )),
+        };
+    let mut synthetic = common::Synthetic::new();
+    let mut sent = 0u64;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut ctrl_c => break,
+        }
+        let block = match input.as_mut() {
+            None => synthetic.block(block_size),
+            Some(reader) => {
+                let mut buf = vec![0u8; block_size];
+                let n = read_full(reader, &mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                buf.truncate(n);
+                Bytes::from(buf)
+            }
+        };
+        publisher.send(block, sent % sync_every == 0)?;
+        sent += 1;
+    }
+    let viewers = publisher.viewers();
+    publisher.finish();
+    eprintln!("input ended after {sent} blocks; {viewers} viewer(s) connected");
+    if args.exit_at_end {
+        // Viewers get EndOfStream after the last block, then leave; wait for
+        // them (bounded), then close.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while server.stats().viewers > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    } else {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    server.shutdown(Duration::from_secs(2)).await;
+    driver.abort();
+    let stats = server.stats();
+    eprintln!(
+        "sent {} datagrams ({:.2} MB), dropped at sender {}, too large {}",
+        stats.datagrams_sent,
+        stats.bytes_sent as f64 / 1e6,
+        stats.datagrams_dropped,
+        stats.datagrams_too_large
+    );
+    Ok(())
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+async fn read_full(
+    reader: &mut (dyn tokio::io::AsyncRead + Unpin + Send),
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let r = reader.read(&mut buf[n..]).await?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    Ok(n)
+}

@@ -1,0 +1,726 @@
+//! The server: streams published by the app, FEC-encoded once, pumped to viewers.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use subtle::ConstantTimeEq;
+use tokio::sync::{broadcast, watch};
+use tracing::{debug, info, trace, warn};
+
+use super::{
+    control::{self, FrameError, FrameReader},
+    tls,
+};
+use crate::{
+    config::ServerConfig,
+    fec::{EncodedBlock, Encoder},
+    session::TokenBucket,
+    wire::{self, ControlMessage, Flags, MAX_STRING_LEN},
+    CloseCode, ServerError,
+};
+
+/// How long a viewer may linger after EndOfStream before the server closes it.
+const END_LINGER: Duration = Duration::from_secs(5);
+
+/// Sender-side counters, shared by all connections.
+#[derive(Debug, Default)]
+struct Counters {
+    connections_accepted: AtomicU64,
+    connections_refused: AtomicU64,
+    viewers_rejected: AtomicU64,
+    viewers: AtomicU64,
+    blocks_published: AtomicU64,
+    shards_encoded: AtomicU64,
+    media_bytes: AtomicU64,
+    datagrams_sent: AtomicU64,
+    datagrams_dropped: AtomicU64,
+    datagrams_too_large: AtomicU64,
+    bytes_sent: AtomicU64,
+    blocks_skipped: AtomicU64,
+    control_errors: AtomicU64,
+    datagrams_from_viewers: AtomicU64,
+    reports: AtomicU64,
+}
+
+/// A snapshot of the server's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct ServerStats {
+    /// QUIC connections that completed the handshake.
+    pub connections_accepted: u64,
+    /// Connection attempts refused at the connection limit.
+    pub connections_refused: u64,
+    /// Hellos answered with Reject (bad token, unknown stream, ...).
+    pub viewers_rejected: u64,
+    /// Viewers subscribed right now.
+    pub viewers: u64,
+    /// Blocks published, over all streams.
+    pub blocks_published: u64,
+    /// Shards produced by the encoder (data and parity), once per block.
+    pub shards_encoded: u64,
+    /// Media bytes published.
+    pub media_bytes: u64,
+    /// Datagrams handed to quinn, over all viewers.
+    pub datagrams_sent: u64,
+    /// Datagrams dropped at the sender: quinn's send buffer was full and it
+    /// discarded the oldest queued one to take a new one.
+    pub datagrams_dropped: u64,
+    /// Datagrams larger than the path's `max_datagram_size()`, not sent.
+    pub datagrams_too_large: u64,
+    /// Datagram bytes handed to quinn.
+    pub bytes_sent: u64,
+    /// Blocks skipped because a viewer fell `viewer_queue` blocks behind.
+    pub blocks_skipped: u64,
+    /// Connections closed for a bad control frame, rate or protocol error.
+    pub control_errors: u64,
+    /// Datagrams viewers sent (not part of the protocol; dropped).
+    pub datagrams_from_viewers: u64,
+    /// Reports received.
+    pub reports: u64,
+}
+
+#[derive(Clone)]
+enum Item {
+    Block(Arc<EncodedBlock>),
+    End { last_seq: u64 },
+}
+
+struct StreamEntry {
+    id: u32,
+    tx: broadcast::Sender<Item>,
+    epoch: Instant,
+    token: Option<Bytes>,
+    viewers: Arc<AtomicUsize>,
+}
+
+struct Shared {
+    config: ServerConfig,
+    streams: Mutex<HashMap<String, StreamEntry>>,
+    next_stream_id: AtomicU32,
+    counters: Counters,
+    connections: AtomicUsize,
+    shutdown: watch::Sender<bool>,
+}
+
+/// A quicast server: publish streams into it, run it, viewers connect.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// use quicast::{Identity, Server, ServerConfig};
+/// let config = ServerConfig::new(Identity::DevCertificate { dir: "certs".into() });
+/// let server = Server::bind(config)?;
+/// let mut live = server.publish("live", None)?;
+/// tokio::spawn(server.run()); // nothing is spawned until the app does this
+/// live.send(bytes::Bytes::from_static(b"media"), true)?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.endpoint.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Binds a UDP socket at the configured address. Must be called inside a
+    /// tokio runtime.
+    pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(ServerError::Bind)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| ServerError::Bind(std::io::Error::other("no async runtime")))?;
+        let socket = runtime.wrap_udp_socket(socket).map_err(ServerError::Bind)?;
+        Self::bind_socket(config, socket)
+    }
+
+    /// Serves on an existing socket, for example a
+    /// [`LossySocket`](crate::sim::LossySocket) that simulates loss.
+    pub fn bind_socket(
+        config: ServerConfig,
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+    ) -> Result<Server, ServerError> {
+        let crypto = tls::server_crypto(&config.identity)?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server_config.transport_config(tls::transport(
+            config.congestion,
+            config.idle_timeout,
+            config.keep_alive,
+            // Viewers have no reason to send datagrams; a small buffer lets us
+            // count and drop the ones they send anyway.
+            Some(16 * 1024),
+            config.datagram_send_buffer,
+        ));
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| ServerError::Bind(std::io::Error::other("no async runtime")))?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            runtime,
+        )
+        .map_err(ServerError::Bind)?;
+        let (shutdown, _) = watch::channel(false);
+        Ok(Server {
+            endpoint,
+            shared: Arc::new(Shared {
+                config,
+                streams: Mutex::new(HashMap::new()),
+                next_stream_id: AtomicU32::new(1),
+                counters: Counters::default(),
+                connections: AtomicUsize::new(0),
+                shutdown,
+            }),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Creates stream `name` and returns the handle that publishes into it.
+    ///
+    /// `token`, when given, admits viewers of this stream in addition to the
+    /// server-wide token.
+    pub fn publish(&self, name: &str, token: Option<Bytes>) -> Result<Publisher, ServerError> {
+        if name.is_empty() || name.len() > MAX_STRING_LEN {
+            return Err(ServerError::InvalidStreamName(name.into()));
+        }
+        let mut streams = self
+            .shared
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if streams.contains_key(name) {
+            return Err(ServerError::StreamExists(name.into()));
+        }
+        if streams.len() >= self.shared.config.max_streams {
+            return Err(ServerError::TooManyStreams(self.shared.config.max_streams));
+        }
+        let id = self.shared.next_stream_id.fetch_add(1, Relaxed);
+        let (tx, _) = broadcast::channel(self.shared.config.viewer_queue);
+        let epoch = Instant::now();
+        let viewers = Arc::new(AtomicUsize::new(0));
+        streams.insert(
+            name.to_owned(),
+            StreamEntry {
+                id,
+                tx: tx.clone(),
+                epoch,
+                token: token.filter(|t| !t.is_empty()),
+                viewers: viewers.clone(),
+            },
+        );
+        info!(stream = name, id, "stream published");
+        Ok(Publisher {
+            name: name.to_owned(),
+            encoder: Encoder::new(id, self.shared.config.fec.clone()),
+            tx,
+            epoch,
+            seq: 0,
+            viewers,
+            shared: self.shared.clone(),
+            finished: false,
+        })
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> ServerStats {
+        let c = &self.shared.counters;
+        ServerStats {
+            connections_accepted: c.connections_accepted.load(Relaxed),
+            connections_refused: c.connections_refused.load(Relaxed),
+            viewers_rejected: c.viewers_rejected.load(Relaxed),
+            viewers: c.viewers.load(Relaxed),
+            blocks_published: c.blocks_published.load(Relaxed),
+            shards_encoded: c.shards_encoded.load(Relaxed),
+            media_bytes: c.media_bytes.load(Relaxed),
+            datagrams_sent: c.datagrams_sent.load(Relaxed),
+            datagrams_dropped: c.datagrams_dropped.load(Relaxed),
+            datagrams_too_large: c.datagrams_too_large.load(Relaxed),
+            bytes_sent: c.bytes_sent.load(Relaxed),
+            blocks_skipped: c.blocks_skipped.load(Relaxed),
+            control_errors: c.control_errors.load(Relaxed),
+            datagrams_from_viewers: c.datagrams_from_viewers.load(Relaxed),
+            reports: c.reports.load(Relaxed),
+        }
+    }
+
+    /// Accepts and serves connections until [`shutdown`](Self::shutdown).
+    ///
+    /// The returned future is the server's driver: the app spawns or awaits it.
+    /// Each connection runs as a task in a `JoinSet` owned by this future, so
+    /// dropping the future aborts every connection; nothing outlives it.
+    pub fn run(&self) -> impl Future<Output = ()> + Send + 'static {
+        let endpoint = self.endpoint.clone();
+        let shared = self.shared.clone();
+        async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut shutdown = shared.shutdown.subscribe();
+            loop {
+                tokio::select! {
+                    incoming = endpoint.accept() => {
+                        let Some(incoming) = incoming else { break };
+                        if shared.connections.load(Relaxed) >= shared.config.max_connections {
+                            shared.counters.connections_refused.fetch_add(1, Relaxed);
+                            debug!(remote = %incoming.remote_address(), "refused: connection limit");
+                            incoming.refuse();
+                            continue;
+                        }
+                        shared.connections.fetch_add(1, Relaxed);
+                        let shared = shared.clone();
+                        tasks.spawn(async move {
+                            let remote = incoming.remote_address();
+                            if let Err(e) = serve(&shared, incoming).await {
+                                debug!(%remote, error = %e, "connection ended");
+                            }
+                            shared.connections.fetch_sub(1, Relaxed);
+                        });
+                    }
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                    _ = shutting_down(&mut shutdown) => break,
+                }
+            }
+            // Let connections say Goodbye, bounded in time.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while tasks.join_next().await.is_some() {}
+            })
+            .await;
+            tasks.abort_all();
+        }
+    }
+
+    /// Says Goodbye to every viewer, stops accepting, and waits (at most
+    /// `grace`) for connections to close.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the shutdown is signalled before the first await; dropping
+    /// the future only stops the waiting.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shared.shutdown.send_replace(true);
+        let _ = tokio::time::timeout(grace, async {
+            while self.shared.connections.load(Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        self.endpoint
+            .close(CloseCode::Shutdown.varint(), b"server shutting down");
+        let _ = tokio::time::timeout(grace, self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Resolves once shutdown is signalled. The watch guard stays inside, so the
+/// future is `Send`.
+async fn shutting_down(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// Publishes blocks into one stream.
+///
+/// Each block is FEC-encoded once, here, on the caller's task; every viewer's
+/// pump sends the same shared `Bytes`. Dropping the publisher ends the stream.
+pub struct Publisher {
+    name: String,
+    encoder: Encoder,
+    tx: broadcast::Sender<Item>,
+    epoch: Instant,
+    seq: u64,
+    viewers: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("name", &self.name)
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    /// Encodes and sends one block; returns its sequence number.
+    ///
+    /// Never blocks: viewers that fall behind skip blocks (counted), they do
+    /// not slow the publisher. `sync` marks a point where decoding can start.
+    pub fn send(&mut self, block: Bytes, sync: bool) -> Result<u64, ServerError> {
+        self.send_flags(&block, if sync { Flags::SYNC } else { Flags::empty() })
+    }
+
+    fn send_flags(&mut self, block: &[u8], flags: Flags) -> Result<u64, ServerError> {
+        let seq = self.seq;
+        let ts = self.clock_us() as u32; // wraps; receivers unwrap
+        let encoded = self.encoder.encode(seq, ts, flags, block)?;
+        self.seq += 1;
+        let c = &self.shared.counters;
+        c.blocks_published.fetch_add(1, Relaxed);
+        c.shards_encoded
+            .fetch_add(encoded.datagrams().len() as u64, Relaxed);
+        c.media_bytes.fetch_add(block.len() as u64, Relaxed);
+        // No receivers is not an error: the stream is live whether watched or not.
+        let _ = self.tx.send(Item::Block(Arc::new(encoded)));
+        Ok(seq)
+    }
+
+    /// The stream clock in microseconds since the stream was created.
+    pub fn clock_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// Sequence number the next block will get.
+    pub fn next_seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Viewers subscribed right now.
+    pub fn viewers(&self) -> usize {
+        self.viewers.load(Relaxed)
+    }
+
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits until at least `n` viewers are subscribed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only polls a counter.
+    pub async fn wait_for_viewers(&self, n: usize) {
+        while self.viewers() < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Ends the stream: viewers get EndOfStream after the last block, and the
+    /// name can no longer be subscribed to.
+    pub fn finish(mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        let last_seq = self.seq.saturating_sub(1);
+        let _ = self.tx.send(Item::End { last_seq });
+        self.shared
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
+        info!(stream = %self.name, blocks = self.seq, "stream finished");
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// Why a connection ended from the server's side.
+#[derive(Debug, thiserror::Error)]
+enum ConnEnd {
+    #[error("handshake: {0}")]
+    Handshake(#[from] quinn::ConnectionError),
+    #[error("closed: {code}: {reason}")]
+    Closed { code: CloseCode, reason: String },
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+}
+
+fn close(conn: &quinn::Connection, code: CloseCode, reason: impl Into<String>) -> ConnEnd {
+    let reason = reason.into();
+    conn.close(code.varint(), reason.as_bytes());
+    ConnEnd::Closed { code, reason }
+}
+
+/// Sends Reject, then closes with the same code.
+async fn reject(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: CloseCode,
+    reason: &str,
+) -> ConnEnd {
+    shared.counters.viewers_rejected.fetch_add(1, Relaxed);
+    let msg = ControlMessage::Reject {
+        code: code.code(),
+        reason: reason.into(),
+    };
+    // Best effort: the close below carries the same code and reason.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        control::write(send, &msg).await?;
+        send.finish().map_err(|_| quinn::WriteError::ClosedStream)?;
+        // Give the Reject a moment to leave before the close overtakes it.
+        let _ = tokio::time::timeout(Duration::from_millis(100), send.stopped()).await;
+        Ok::<_, quinn::WriteError>(())
+    })
+    .await;
+    close(conn, code, reason)
+}
+
+fn token_ok(expected: &[&Bytes], given: &[u8]) -> bool {
+    if expected.is_empty() {
+        return true;
+    }
+    // Compare against every accepted token without early exit, so timing says
+    // nothing about which one (or which prefix) matched.
+    expected
+        .iter()
+        .fold(subtle::Choice::from(0), |ok, t| {
+            ok | t.as_ref().ct_eq(given)
+        })
+        .into()
+}
+
+async fn serve(shared: &Shared, incoming: quinn::Incoming) -> Result<(), ConnEnd> {
+    let conn = incoming.await?;
+    shared.counters.connections_accepted.fetch_add(1, Relaxed);
+    let hello_timeout = shared.config.hello_timeout;
+    let (mut send, recv) = match tokio::time::timeout(hello_timeout, conn.accept_bi()).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => return Err(close(&conn, CloseCode::HelloTimeout, "no control stream")),
+    };
+    let mut reader = FrameReader::new(recv, shared.config.max_control_frame);
+    let hello = match tokio::time::timeout(hello_timeout, reader.next()).await {
+        Err(_) => return Err(close(&conn, CloseCode::HelloTimeout, "no hello")),
+        Ok(Ok(Some(msg))) => msg,
+        Ok(Ok(None)) => return Err(close(&conn, CloseCode::ProtocolViolation, "no hello")),
+        Ok(Err(e)) => return Err(frame_error(shared, &conn, e)),
+    };
+    let ControlMessage::Hello {
+        version,
+        stream,
+        token,
+        agent,
+    } = hello
+    else {
+        shared.counters.control_errors.fetch_add(1, Relaxed);
+        return Err(close(
+            &conn,
+            CloseCode::ProtocolViolation,
+            format!("expected hello, got {}", hello.name()),
+        ));
+    };
+    if version != wire::VERSION {
+        let reason = format!("unsupported version {version}");
+        return Err(reject(
+            shared,
+            &conn,
+            &mut send,
+            CloseCode::UnsupportedVersion,
+            &reason,
+        )
+        .await);
+    }
+    let lookup = {
+        let streams = shared.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.get(&stream).map(|e| {
+            let mut tokens: Vec<Bytes> = shared.config.token.iter().cloned().collect();
+            tokens.extend(e.token.iter().cloned());
+            (e.id, e.tx.subscribe(), e.epoch, tokens, e.viewers.clone())
+        })
+    };
+    let Some((stream_id, mut rx, epoch, tokens, viewers)) = lookup else {
+        let reason = format!("no such stream {stream:?}");
+        return Err(reject(shared, &conn, &mut send, CloseCode::NoSuchStream, &reason).await);
+    };
+    if !token_ok(&tokens.iter().collect::<Vec<_>>(), &token) {
+        let reason = if token.is_empty() {
+            "token required"
+        } else {
+            "invalid token"
+        };
+        return Err(reject(shared, &conn, &mut send, CloseCode::Unauthorized, reason).await);
+    }
+    let Some(max_datagram) = conn.max_datagram_size() else {
+        let reason = "peer does not accept datagrams";
+        return Err(reject(
+            shared,
+            &conn,
+            &mut send,
+            CloseCode::DatagramsUnsupported,
+            reason,
+        )
+        .await);
+    };
+    let needed = shared.config.fec.shard_size() + wire::MAX_HEADER_LEN;
+    if max_datagram < needed {
+        warn!(
+            max_datagram,
+            needed,
+            "path datagram size below shard size; oversized shards will be counted and dropped"
+        );
+    }
+    control::write(
+        &mut send,
+        &ControlMessage::Welcome {
+            stream_id,
+            clock_us: epoch.elapsed().as_micros() as u64,
+            report_interval_ms: shared.config.report_interval.as_millis() as u64,
+        },
+    )
+    .await?;
+    info!(remote = %conn.remote_address(), stream, agent, "viewer joined");
+    viewers.fetch_add(1, Relaxed);
+    shared.counters.viewers.fetch_add(1, Relaxed);
+    let result = pump(shared, &conn, &mut send, &mut reader, &mut rx).await;
+    viewers.fetch_sub(1, Relaxed);
+    shared.counters.viewers.fetch_sub(1, Relaxed);
+    info!(remote = %conn.remote_address(), stream, "viewer left");
+    result
+}
+
+fn frame_error(shared: &Shared, conn: &quinn::Connection, e: FrameError) -> ConnEnd {
+    match e {
+        FrameError::Read(e) => close(conn, CloseCode::ProtocolViolation, e.to_string()),
+        FrameError::Decode(e) => {
+            shared.counters.control_errors.fetch_add(1, Relaxed);
+            close(conn, CloseCode::for_decode_error(&e), e.to_string())
+        }
+    }
+}
+
+/// Sends one block's shards to one viewer: all data, `parity` parity per group.
+fn send_block(shared: &Shared, conn: &quinn::Connection, block: &EncodedBlock, parity: usize) {
+    let c = &shared.counters;
+    for dg in block.datagrams_with_parity(parity) {
+        // quinn drops the oldest queued datagram to make room; count it.
+        if conn.datagram_send_buffer_space() < dg.len() {
+            c.datagrams_dropped.fetch_add(1, Relaxed);
+        }
+        match conn.send_datagram(dg.clone()) {
+            Ok(()) => {
+                c.datagrams_sent.fetch_add(1, Relaxed);
+                c.bytes_sent.fetch_add(dg.len() as u64, Relaxed);
+            }
+            Err(quinn::SendDatagramError::TooLarge) => {
+                c.datagrams_too_large.fetch_add(1, Relaxed);
+                trace!(len = dg.len(), "datagram too large for path");
+            }
+            Err(e) => {
+                trace!(error = %e, "send_datagram failed");
+                return;
+            }
+        }
+    }
+}
+
+async fn pump(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    reader: &mut FrameReader,
+    rx: &mut broadcast::Receiver<Item>,
+) -> Result<(), ConnEnd> {
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut limiter = TokenBucket::new(shared.config.control_rate, shared.config.control_rate * 2);
+    let parity = usize::MAX;
+    let mut linger: Option<tokio::time::Instant> = None;
+    loop {
+        let linger_sleep = async {
+            match linger {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            item = rx.recv(), if linger.is_none() => match item {
+                Ok(Item::Block(block)) => send_block(shared, conn, &block, parity),
+                Ok(Item::End { last_seq }) => {
+                    control::write(send, &ControlMessage::EndOfStream { last_seq }).await?;
+                    linger = Some(tokio::time::Instant::now() + END_LINGER);
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    shared.counters.blocks_skipped.fetch_add(n, Relaxed);
+                    debug!(skipped = n, "viewer fell behind; skipping to newer blocks");
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(close(conn, CloseCode::Normal, "stream closed"));
+                }
+            },
+            msg = reader.next() => {
+                let msg = match msg {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => return Err(close(conn, CloseCode::Normal, "viewer finished")),
+                    Err(e) => return Err(frame_error(shared, conn, e)),
+                };
+                if !limiter.take(Instant::now()) {
+                    shared.counters.control_errors.fetch_add(1, Relaxed);
+                    return Err(close(conn, CloseCode::RateLimited, "control message rate exceeded"));
+                }
+                match msg {
+                    ControlMessage::Report(_) => {
+                        shared.counters.reports.fetch_add(1, Relaxed);
+                    }
+                    ControlMessage::Stall | ControlMessage::Resume | ControlMessage::Event(_) => {}
+                    ControlMessage::Leave => return Err(close(conn, CloseCode::Normal, "viewer left")),
+                    other => {
+                        shared.counters.control_errors.fetch_add(1, Relaxed);
+                        return Err(close(
+                            conn,
+                            CloseCode::ProtocolViolation,
+                            format!("unexpected {} from viewer", other.name()),
+                        ));
+                    }
+                }
+            }
+            dg = conn.read_datagram() => match dg {
+                Ok(_) => {
+                    shared.counters.datagrams_from_viewers.fetch_add(1, Relaxed);
+                }
+                Err(e) => return Err(e.into()),
+            },
+            _ = shutting_down(&mut shutdown) => {
+                let bye = ControlMessage::Goodbye {
+                    code: CloseCode::Shutdown.code(),
+                    reason: "server shutting down".into(),
+                };
+                let _ = tokio::time::timeout(Duration::from_millis(500), control::write(send, &bye)).await;
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+                return Err(close(conn, CloseCode::Shutdown, "server shutting down"));
+            }
+            _ = linger_sleep => return Err(close(conn, CloseCode::Normal, "end of stream")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_check_accepts_any_configured_token_only() {
+        let a = Bytes::from_static(b"alpha");
+        let b = Bytes::from_static(b"bravo");
+        assert!(token_ok(&[], b""));
+        assert!(token_ok(&[&a, &b], b"bravo"));
+        assert!(token_ok(&[&a], b"alpha"));
+        assert!(!token_ok(&[&a, &b], b"alph"));
+        assert!(!token_ok(&[&a], b""));
+        assert!(!token_ok(&[&a], b"alphaa"));
+    }
+}

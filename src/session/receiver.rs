@@ -1,0 +1,709 @@
+//! The viewer side: datagrams in, in-order blocks out, within a latency budget.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+
+use super::stats::{new_histogram, ReceiverStats};
+use crate::{
+    fec::{BlockResult, Decoder, DecoderConfig, Insert},
+    wire::{Flags, Report, ShardHeader},
+};
+
+/// What a viewer's application receives, in sequence order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A block, complete and in order.
+    Block {
+        /// Sequence number.
+        seq: u64,
+        /// Sender timestamp, microseconds on the stream's clock (unwrapped).
+        timestamp_us: u64,
+        /// A sync point: decoding can start here.
+        sync: bool,
+        /// The media bytes.
+        data: Bytes,
+    },
+    /// Block `seq` missed its deadline; it will never be delivered.
+    ///
+    /// Every lost block is counted in [`ReceiverStats::blocks_lost`]. After a
+    /// forward jump of the sender by more than the decoder window (not
+    /// something a conforming sender does), only the last window's worth of
+    /// the skipped blocks get an event.
+    Lost {
+        /// Sequence number.
+        seq: u64,
+    },
+    /// The stream ended; no events follow.
+    End,
+}
+
+/// Default gap in delivery after which a viewer counts as stalled.
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_millis(500);
+
+/// Settings of a [`Receiver`].
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    stream_id: u32,
+    latency: Duration,
+    decoder: DecoderConfig,
+    stall_after: Duration,
+}
+
+impl ReceiverConfig {
+    /// Receive stream `stream_id` with the given latency budget.
+    pub fn new(stream_id: u32, latency: Duration) -> Self {
+        ReceiverConfig {
+            stream_id,
+            latency,
+            decoder: DecoderConfig::default(),
+            stall_after: DEFAULT_STALL_AFTER,
+        }
+    }
+
+    /// How long without a delivered block counts as a stall. Default
+    /// [`DEFAULT_STALL_AFTER`]. A player whose buffer is about the latency
+    /// budget runs dry after about that long; shorter reports brief hiccups as
+    /// stalls, longer hides them.
+    pub fn stall_after(&mut self, t: Duration) -> &mut Self {
+        self.stall_after = t;
+        self
+    }
+
+    /// Decoder limits. Default [`DecoderConfig::default`]; its window also
+    /// bounds how far ahead of the oldest undelivered block the receiver looks.
+    pub fn decoder(&mut self, decoder: DecoderConfig) -> &mut Self {
+        self.decoder = decoder;
+        self
+    }
+}
+
+/// Maps the sender's microsecond clock onto local `Instant`s.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    sender_us: u64,
+    local: Instant,
+}
+
+impl Clock {
+    fn sender_now(&self, now: Instant) -> u64 {
+        self.sender_us + now.saturating_duration_since(self.local).as_micros() as u64
+    }
+
+    /// Unwraps a 32-bit timestamp to the full value nearest the sender's
+    /// current clock (serial-number arithmetic, RFC 1982).
+    fn unwrap(&self, ts: u32, now: Instant) -> u64 {
+        let expected = self.sender_now(now);
+        let delta = ts.wrapping_sub(expected as u32) as i32;
+        expected.saturating_add_signed(i64::from(delta))
+    }
+
+    fn local(&self, sender_us: u64) -> Instant {
+        if sender_us >= self.sender_us {
+            self.local + Duration::from_micros(sender_us - self.sender_us)
+        } else {
+            self.local
+                .checked_sub(Duration::from_micros(self.sender_us - sender_us))
+                .unwrap_or(self.local)
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Ready {
+    Block {
+        timestamp_us: u64,
+        flags: Flags,
+        data: Bytes,
+    },
+    Lost,
+    /// `count` consecutive blocks from this one, none seen.
+    Skipped(u64),
+}
+
+/// PURE receive state machine of one viewer.
+///
+/// Shards go into an FEC [`Decoder`]; finished blocks wait here until every
+/// earlier block is delivered or lost, so the application sees sequence order.
+/// A block not finished by its sender timestamp plus the latency budget is lost.
+#[derive(Debug)]
+pub struct Receiver {
+    config: ReceiverConfig,
+    decoder: Decoder,
+    clock: Option<Clock>,
+    ready: BTreeMap<u64, Ready>,
+    next_seq: Option<u64>,
+    end_seq: Option<u64>,
+    end_deadline: Option<Instant>,
+    ended: bool,
+    events: VecDeque<Event>,
+    stats: ReceiverStats,
+    interval: Histogram<u64>,
+    last_report: Option<(Instant, u64)>,
+    newest_ts: u64,
+    started: Option<Instant>,
+    startup: Option<Duration>,
+    last_delivery: Option<Instant>,
+    stall: Option<Instant>,
+    stall_changes: VecDeque<bool>,
+}
+
+impl Receiver {
+    /// A receiver with nothing received yet.
+    pub fn new(config: ReceiverConfig) -> Self {
+        Receiver {
+            decoder: Decoder::new(config.decoder.clone()),
+            config,
+            clock: None,
+            ready: BTreeMap::new(),
+            next_seq: None,
+            end_seq: None,
+            end_deadline: None,
+            ended: false,
+            events: VecDeque::new(),
+            stats: ReceiverStats::default(),
+            interval: new_histogram(),
+            last_report: None,
+            newest_ts: 0,
+            started: None,
+            startup: None,
+            last_delivery: None,
+            stall: None,
+            stall_changes: VecDeque::new(),
+        }
+    }
+
+    /// Marks when the viewer started joining (before the handshake), so the
+    /// time to the first block (join time) can be reported.
+    pub fn start(&mut self, at: Instant) {
+        self.started = Some(at);
+    }
+
+    /// A stall began (`true`) or ended (`false`) since the last call.
+    ///
+    /// A stall begins when no block has been delivered for `stall_after`
+    /// after the first one, and ends with the next delivered block.
+    #[must_use]
+    pub fn poll_stall(&mut self) -> Option<bool> {
+        self.stall_changes.pop_front()
+    }
+
+    /// Tells the receiver that the sender's stream clock read `sender_us` at
+    /// local instant `at` (from `Welcome`, corrected by half the RTT).
+    ///
+    /// Without it, the first datagram's timestamp is taken to be "now", which
+    /// hides the one-way delay from the latency figures and the deadlines.
+    pub fn set_clock(&mut self, sender_us: u64, at: Instant) {
+        self.clock = Some(Clock {
+            sender_us,
+            local: at,
+        });
+    }
+
+    /// Handles one received datagram at `now`.
+    pub fn handle_datagram(&mut self, now: Instant, datagram: Bytes) {
+        self.stats.datagrams += 1;
+        self.handle_timeout(now);
+        let (header, payload) = match ShardHeader::decode_datagram(&datagram) {
+            Ok(ok) => ok,
+            Err(e) => {
+                self.stats.malformed += 1;
+                tracing::trace!(error = %e, len = datagram.len(), "malformed datagram");
+                return;
+            }
+        };
+        if header.stream_id != self.config.stream_id {
+            self.stats.wrong_stream += 1;
+            return;
+        }
+        if self.ended || self.end_seq.is_some_and(|end| header.seq > end) {
+            self.stats.out_of_window += 1;
+            return;
+        }
+        let clock = *self.clock.get_or_insert(Clock {
+            sender_us: u64::from(header.timestamp_us),
+            local: now,
+        });
+        let ts = clock.unwrap(header.timestamp_us, now);
+        let deadline = clock.local(ts) + self.config.latency;
+
+        // Counted before the decoder's verdict: the server compares this
+        // with what it sent to estimate loss on the path, whatever the
+        // decoder then makes of the shard.
+        self.stats.shards_received += 1;
+        match self.decoder.insert(&header, payload, deadline) {
+            Insert::Accepted => {
+                self.newest_ts = self.newest_ts.max(ts);
+                self.next_seq.get_or_insert(header.seq);
+                tracing::trace!(seq = header.seq, index = header.index, "shard");
+            }
+            Insert::Surplus => self.stats.surplus += 1,
+            Insert::Duplicate => self.stats.duplicates += 1,
+            Insert::Late => self.stats.shards_late += 1,
+            Insert::OutOfWindow => self.stats.out_of_window += 1,
+            Insert::Inconsistent => self.stats.malformed += 1,
+        }
+        self.drain(now, clock);
+    }
+
+    /// Handles expiry of deadlines up to `now`. Call at [`poll_timeout`](Self::poll_timeout).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.decoder.handle_timeout(now);
+        if let Some(last) = self.last_delivery {
+            let dry = last + self.config.stall_after;
+            if self.stall.is_none() && !self.ended && now >= dry {
+                // Until `dry` the player was still playing what it had.
+                self.stall = Some(dry);
+                self.stats.stalls += 1;
+                self.stall_changes.push_back(true);
+            }
+        }
+        if self.end_deadline.is_some_and(|d| d <= now) {
+            // Blocks at the end of the stream of which no shard ever came.
+            if let (Some(end), Some(next)) = (self.end_seq, self.next_seq) {
+                for seq in next..=end {
+                    self.ready.entry(seq).or_insert(Ready::Lost);
+                }
+            }
+            self.end_deadline = None;
+        }
+        if let Some(clock) = self.clock {
+            self.drain(now, clock);
+        } else {
+            self.release(now, None);
+        }
+    }
+
+    /// When to call [`handle_timeout`](Self::handle_timeout) next, if anything is pending.
+    #[must_use]
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let stall = match (self.last_delivery, self.stall, self.ended) {
+            (Some(last), None, false) => Some(last + self.config.stall_after),
+            _ => None,
+        };
+        [self.decoder.poll_timeout(), self.end_deadline, stall]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The next event in sequence order, if any is ready.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The sender announced that `last_seq` is the final block (EndOfStream).
+    ///
+    /// Blocks up to it still get their deadline; any not seen at all are lost
+    /// one latency budget from `now`, and then [`Event::End`] follows.
+    pub fn end_of_stream(&mut self, last_seq: u64, now: Instant) {
+        self.end_seq = Some(self.end_seq.map_or(last_seq, |e| e.min(last_seq)));
+        self.end_deadline = Some(now + self.config.latency);
+        self.release(now, self.clock);
+    }
+
+    /// Whether [`Event::End`] has been emitted.
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &ReceiverStats {
+        &self.stats
+    }
+
+    /// The decoder's own counters.
+    pub fn decoder_stats(&self) -> crate::fec::DecoderStats {
+        self.decoder.stats()
+    }
+
+    /// A [`Report`] for the server: cumulative counters plus latency and bitrate
+    /// over the interval since the previous report, which this starts anew.
+    pub fn report(&mut self, now: Instant) -> Report {
+        let s = &self.stats;
+        let bitrate_bps = match self.last_report {
+            Some((at, bytes)) => {
+                let secs = now.saturating_duration_since(at).as_secs_f64();
+                if secs > 0.0 {
+                    ((s.bytes_delivered - bytes) as f64 * 8.0 / secs) as u64
+                } else {
+                    0
+                }
+            }
+            None => 0,
+        };
+        let q = |h: &Histogram<u64>, q: f64| {
+            if h.is_empty() {
+                0
+            } else {
+                h.value_at_quantile(q)
+            }
+        };
+        let buffer_ms = match (self.ready.first_key_value(), self.clock) {
+            (Some(_), Some(_)) => {
+                let oldest = self.ready.values().find_map(|r| match r {
+                    Ready::Block { timestamp_us, .. } => Some(*timestamp_us),
+                    Ready::Lost | Ready::Skipped(_) => None,
+                });
+                oldest.map_or(0, |o| self.newest_ts.saturating_sub(o) / 1000)
+            }
+            _ => 0,
+        };
+        let report = Report {
+            blocks_delivered: s.blocks_delivered,
+            blocks_recovered: s.blocks_recovered,
+            blocks_lost: s.blocks_lost,
+            shards_late: s.shards_late,
+            shards_received: s.shards_received,
+            shards_missing: s.shards_missing,
+            latency_p50_us: q(&self.interval, 0.5),
+            latency_p99_us: q(&self.interval, 0.99),
+            buffer_ms,
+            bitrate_bps,
+            startup_ms: self.startup.map_or(0, |d| d.as_millis() as u64),
+            stalls: s.stalls,
+            stall_ms: (s.stalled
+                + self
+                    .stall
+                    .map_or(Duration::ZERO, |at| now.saturating_duration_since(at)))
+            .as_millis() as u64,
+        };
+        self.interval.reset();
+        self.last_report = Some((now, s.bytes_delivered));
+        report
+    }
+
+    fn drain(&mut self, now: Instant, clock: Clock) {
+        while let Some(out) = self.decoder.poll_outcome() {
+            if let BlockResult::Late { .. } = out.result {
+                // Always about a block already released as lost.
+                self.stats.blocks_late += 1;
+                continue;
+            }
+            if self.next_seq.is_some_and(|next| out.seq < next) {
+                continue; // already released; nothing more to say
+            }
+            let ts = |t: Option<u32>| t.map_or(0, |t| clock.unwrap(t, now));
+            let ready = match out.result {
+                BlockResult::Complete(data) => Ready::Block {
+                    timestamp_us: ts(out.timestamp_us),
+                    flags: out.flags,
+                    data,
+                },
+                BlockResult::Recovered { data, rebuilt } => {
+                    self.stats.blocks_recovered += 1;
+                    self.stats.shards_rebuilt += rebuilt as u64;
+                    self.stats.shards_missing += rebuilt as u64;
+                    Ready::Block {
+                        timestamp_us: ts(out.timestamp_us),
+                        flags: out.flags,
+                        data,
+                    }
+                }
+                BlockResult::Lost { received, needed } => {
+                    self.stats.shards_missing += needed.saturating_sub(received) as u64;
+                    Ready::Lost
+                }
+                BlockResult::Late { .. } => continue, // handled above
+                BlockResult::Skipped { count } => Ready::Skipped(count),
+            };
+            self.ready.insert(out.seq, ready);
+        }
+        self.release(now, Some(clock));
+    }
+
+    fn release(&mut self, now: Instant, clock: Option<Clock>) {
+        while let Some(next) = self.next_seq {
+            if self.end_seq.is_some_and(|end| next > end) {
+                break;
+            }
+            let Some(ready) = self.ready.remove(&next) else {
+                break;
+            };
+            self.next_seq = Some(next + 1);
+            match ready {
+                Ready::Block {
+                    timestamp_us,
+                    flags,
+                    data,
+                } => {
+                    if let Some(clock) = clock {
+                        let latency = now.saturating_duration_since(clock.local(timestamp_us));
+                        self.stats.record_latency(latency);
+                        let us = (latency.as_micros() as u64).max(1);
+                        self.interval.saturating_record(us);
+                    }
+                    self.stats.blocks_delivered += 1;
+                    self.stats.bytes_delivered += data.len() as u64;
+                    self.last_delivery = Some(now);
+                    if let (None, Some(started)) = (self.startup, self.started) {
+                        self.startup = Some(now.saturating_duration_since(started));
+                    }
+                    if let Some(at) = self.stall.take() {
+                        self.stats.stalled += now.saturating_duration_since(at);
+                        self.stall_changes.push_back(false);
+                    }
+                    self.events.push_back(Event::Block {
+                        seq: next,
+                        timestamp_us,
+                        sync: flags.contains(Flags::SYNC),
+                        data,
+                    });
+                    if flags.contains(Flags::END) {
+                        self.end_seq = Some(next);
+                    }
+                }
+                Ready::Lost => {
+                    self.stats.blocks_lost += 1;
+                    self.events.push_back(Event::Lost { seq: next });
+                }
+                Ready::Skipped(count) => {
+                    self.stats.blocks_lost += count;
+                    let window = self.config.decoder.window() as u64;
+                    let last = next.saturating_add(count);
+                    for seq in last.saturating_sub(window).max(next)..last {
+                        self.events.push_back(Event::Lost { seq });
+                    }
+                    self.next_seq = Some(last);
+                }
+            }
+        }
+        let done = match (self.end_seq, self.next_seq) {
+            (Some(end), Some(next)) => next > end,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if done && !self.ended {
+            self.ended = true;
+            self.ready.clear();
+            self.events.push_back(Event::End);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fec::{Encoder, FecConfig};
+    use rand::{rngs::SmallRng, seq::SliceRandom, Rng, SeedableRng};
+
+    const BUDGET: Duration = Duration::from_millis(100);
+
+    struct Sim {
+        encoder: Encoder,
+        receiver: Receiver,
+        t0: Instant,
+    }
+
+    impl Sim {
+        fn new() -> Self {
+            let mut fec = FecConfig::default();
+            fec.set_redundancy(0.25).unwrap();
+            let t0 = Instant::now();
+            let mut receiver = Receiver::new(ReceiverConfig::new(1, BUDGET));
+            receiver.start(t0);
+            receiver.set_clock(0, t0);
+            Sim {
+                encoder: Encoder::new(1, fec),
+                receiver,
+                t0,
+            }
+        }
+
+        /// Datagrams of block `seq`, stamped `ts_ms` on the sender clock.
+        fn block(&mut self, seq: u64, ts_ms: u64, len: usize, flags: Flags) -> Vec<Bytes> {
+            let data: Vec<u8> = (0..len).map(|i| (i as u64 ^ seq) as u8).collect();
+            let ts = (ts_ms * 1000) as u32;
+            self.encoder
+                .encode(seq, ts, flags, &data)
+                .unwrap()
+                .datagrams()
+                .to_vec()
+        }
+
+        fn at(&self, ms: u64) -> Instant {
+            self.t0 + Duration::from_millis(ms)
+        }
+
+        fn feed(&mut self, ms: u64, dgs: impl IntoIterator<Item = Bytes>) {
+            let now = self.at(ms);
+            for dg in dgs {
+                self.receiver.handle_datagram(now, dg);
+            }
+        }
+
+        fn events(&mut self) -> Vec<Event> {
+            std::iter::from_fn(|| self.receiver.poll_event()).collect()
+        }
+    }
+
+    fn seqs(events: &[Event]) -> Vec<(u64, bool)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Block { seq, .. } => Some((*seq, true)),
+                Event::Lost { seq } => Some((*seq, false)),
+                Event::End => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn releases_in_order_and_loses_at_the_deadline() {
+        let mut s = Sim::new();
+        let b0 = s.block(0, 0, 5000, Flags::SYNC);
+        let b1 = s.block(1, 10, 5000, Flags::empty());
+        let b2 = s.block(2, 20, 5000, Flags::empty());
+        // Block 1 gets only 2 of its shards: unrecoverable.
+        s.feed(5, b0[..1].to_vec());
+        s.feed(25, b2.clone());
+        s.feed(26, b1[..2].to_vec());
+        s.feed(27, b0[1..].to_vec());
+        // 0 is ready; 1 is pending, so 2 waits behind it.
+        assert_eq!(seqs(&s.events()), vec![(0, true)]);
+        // Just before block 1's deadline (10 ms + budget) nothing changes.
+        s.receiver.handle_timeout(s.at(109));
+        assert!(s.events().is_empty());
+        assert_eq!(s.receiver.poll_timeout(), Some(s.at(110)));
+        s.receiver.handle_timeout(s.at(110));
+        assert_eq!(seqs(&s.events()), vec![(1, false), (2, true)]);
+        let st = s.receiver.stats();
+        assert_eq!((st.blocks_delivered, st.blocks_lost), (2, 1));
+        // Block 2 was held until 110 ms: latency 90 ms, within budget.
+        let max = st.latency().max; // hdrhistogram: 3 significant digits
+        assert!((89.9..=90.1).contains(&max), "max latency {max}");
+        // The rest of block 1 arrives: late, counted, never delivered.
+        s.feed(120, b1[2..].to_vec());
+        assert!(s.events().is_empty());
+        assert_eq!(s.receiver.stats().blocks_late, 1);
+    }
+
+    #[test]
+    fn random_loss_within_parity_delivers_every_block_exactly() {
+        let seed = crate::testing::seed();
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut s = Sim::new();
+        let mut sent = Vec::new();
+        for seq in 0..200u64 {
+            // One code group (up to 32 shards of 1100 bytes).
+            let len = rng.random_range(1..=32 * 1100);
+            let mut dgs = s.block(seq, seq * 10, len, Flags::empty());
+            // Drop up to the group's parity (one group up to 32 data shards).
+            let parity = dgs.len() - crate::wire::data_shards_for(len, 1100).min(dgs.len());
+            let drop = rng.random_range(0..=parity.min(dgs.len() - 1));
+            dgs.shuffle(&mut rng);
+            dgs.truncate(dgs.len() - drop);
+            sent.push(len);
+            s.feed(seq * 10 + 5, dgs);
+        }
+        s.receiver.handle_timeout(s.at(5000));
+        let events = s.events();
+        assert_eq!(events.len(), 200, "seed {seed}");
+        for (seq, ev) in events.iter().enumerate() {
+            match ev {
+                Event::Block { seq: got, data, .. } => {
+                    assert_eq!(*got, seq as u64, "seed {seed}");
+                    assert_eq!(data.len(), sent[seq], "seed {seed}");
+                    assert!(
+                        data.iter()
+                            .enumerate()
+                            .all(|(i, b)| *b == (i as u64 ^ seq as u64) as u8),
+                        "seed {seed}: block {seq} corrupted"
+                    );
+                }
+                other => panic!("seed {seed}: block {seq}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn end_of_stream_loses_unseen_tail_then_ends() {
+        let mut s = Sim::new();
+        let b0 = s.block(0, 0, 3000, Flags::empty());
+        s.feed(1, b0);
+        // Blocks 1 and 2 were sent but nothing of them arrived.
+        s.receiver.end_of_stream(2, s.at(30));
+        assert_eq!(seqs(&s.events()), vec![(0, true)]);
+        assert!(!s.receiver.is_ended());
+        s.receiver.handle_timeout(s.at(130));
+        let ev = s.events();
+        assert_eq!(seqs(&ev), vec![(1, false), (2, false)]);
+        assert_eq!(ev.last(), Some(&Event::End));
+        assert!(s.receiver.is_ended());
+    }
+
+    #[test]
+    fn end_flag_ends_the_stream() {
+        let mut s = Sim::new();
+        let b0 = s.block(0, 0, 100, Flags::END);
+        s.feed(1, b0);
+        let ev = s.events();
+        assert_eq!(ev.len(), 2);
+        assert_eq!(ev[1], Event::End);
+    }
+
+    #[test]
+    fn timestamps_unwrap_across_the_32_bit_wrap() {
+        let t0 = Instant::now();
+        // The sender clock is just below 2^32 µs when Welcome arrives.
+        let base = (1u64 << 32) - 5_000;
+        let clock = Clock {
+            sender_us: base,
+            local: t0,
+        };
+        let later = t0 + Duration::from_millis(10);
+        // 10 ms later the 32-bit stamp has wrapped to 5000.
+        assert_eq!(clock.unwrap(5_000, later), (1 << 32) + 5_000);
+        assert_eq!(clock.unwrap((base + 1_000) as u32, later), base + 1_000);
+        assert_eq!(clock.local((1 << 32) + 5_000), later);
+    }
+
+    #[test]
+    fn a_gap_in_delivery_is_a_stall_until_the_next_block() {
+        let mut s = Sim::new();
+        let b0 = s.block(0, 0, 1000, Flags::empty());
+        s.feed(20, b0);
+        let _ = s.events();
+        assert_eq!(s.receiver.poll_stall(), None);
+        // Nothing for the stall threshold: a stall begins.
+        assert_eq!(s.receiver.poll_timeout(), Some(s.at(520)));
+        s.receiver.handle_timeout(s.at(520));
+        assert_eq!(s.receiver.poll_stall(), Some(true));
+        // Stalled time counts from when the player ran dry, 500 ms after the
+        // last block.
+        let report = s.receiver.report(s.at(1020));
+        assert_eq!((report.stalls, report.stall_ms), (1, 500));
+        assert_eq!(report.startup_ms, 20);
+        let b1 = s.block(1, 2000, 1000, Flags::empty());
+        s.feed(2020, b1);
+        assert_eq!(s.receiver.poll_stall(), Some(false));
+        assert_eq!(s.receiver.stats().stalled, Duration::from_millis(1500));
+        assert_eq!(s.receiver.stats().stalls, 1);
+    }
+
+    #[test]
+    fn malformed_and_foreign_datagrams_are_counted_and_dropped() {
+        let mut s = Sim::new();
+        let mut other = Encoder::new(9, FecConfig::default());
+        let foreign = other.encode(0, 0, Flags::empty(), &[1; 100]).unwrap();
+        s.feed(1, foreign.datagrams().to_vec());
+        s.feed(
+            1,
+            [
+                Bytes::new(),
+                Bytes::from_static(&[1, 0, 0]),
+                Bytes::from_static(&[9; 40]),
+            ],
+        );
+        let st = s.receiver.stats();
+        assert_eq!(st.wrong_stream, foreign.datagrams().len() as u64);
+        assert_eq!(st.malformed, 3);
+        assert!(s.events().is_empty());
+    }
+}

@@ -1,0 +1,175 @@
+//! The `server` and `client` example binaries, run as a user would.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// target/<profile>/examples/<name>, built by `cargo test` alongside the tests.
+fn example(name: &str) -> PathBuf {
+    let mut dir = std::env::current_exe().expect("test binary path");
+    dir.pop(); // the test binary
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} missing: run through `cargo test`, which builds the examples",
+        path.display()
+    );
+    path
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the child if the test fails before waiting on it.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the server example and waits until it listens.
+fn start_server(args: &[&str]) -> (Guard, String) {
+    let port = free_udp_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(example("server"))
+        .args(["--listen", &addr])
+        .args(args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn server example");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[server] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("quicast server on") => break,
+            Ok(_) => {}
+            Err(_) => panic!("server example did not start"),
+        }
+    }
+    (Guard(child), addr)
+}
+
+fn wait(mut guard: Guard, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = guard.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit in {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn temp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("quicast-it-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn file_through_server_and_client_examples_is_byte_identical() {
+    let seed = crate::util::seed();
+    let input = temp("input.bin");
+    let output = temp("output.bin");
+    let stats = temp("stats.json");
+    let mut data = vec![0u8; 5 << 20];
+    let mut x = seed | 1;
+    for b in data.iter_mut() {
+        // xorshift: incompressible, reproducible from the seed
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(&input, &data).unwrap();
+
+    let (server, addr) = start_server(&[
+        "--input",
+        input.to_str().unwrap(),
+        "--bitrate",
+        "40000000",
+        "--start-on-viewer",
+        "--exit-at-end",
+    ]);
+    let client = Command::new(example("client"))
+        .args(["--server", &addr, "--latency", "1000"])
+        .args(["--output", output.to_str().unwrap()])
+        .args(["--stats-json", stats.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn client example");
+    let status = wait(Guard(client), Duration::from_secs(60));
+    assert!(status.success(), "client exited with {status}");
+    let server_status = wait(server, Duration::from_secs(30));
+    assert!(
+        server_status.success(),
+        "server exited with {server_status}"
+    );
+
+    let got = std::fs::read(&output).unwrap();
+    assert_eq!(got.len(), data.len(), "seed {seed}: output length");
+    assert!(got == data, "seed {seed}: output differs from input");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    for key in [
+        "blocks_delivered",
+        "blocks_recovered",
+        "blocks_lost",
+        "blocks_late",
+        "bytes_delivered",
+    ] {
+        assert!(json[key].is_u64(), "stats json lacks {key}: {json}");
+    }
+    for key in ["p50", "p99", "p999", "max"] {
+        assert!(
+            json["latency_ms"][key].is_number(),
+            "stats json lacks latency_ms.{key}"
+        );
+    }
+    assert_eq!(json["blocks_lost"], 0);
+    assert_eq!(json["bytes_delivered"], data.len() as u64);
+    for p in [input, output, stats] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[test]
+fn client_example_exits_nonzero_naming_the_rejection() {
+    let (_server, addr) = start_server(&["--stream", "live"]);
+    let out = Command::new(example("client"))
+        .args(["--server", &addr, "--stream", "other", "--duration", "5"])
+        .output()
+        .expect("run client example");
+    assert!(
+        !out.status.success(),
+        "client must fail on a missing stream"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("rejected") && stderr.contains("no such stream"),
+        "stderr names the reason: {stderr}"
+    );
+}

@@ -1,0 +1,152 @@
+//! Server and viewers through the library API, on loopback.
+
+use std::time::Duration;
+
+use quicast::{ClientError, CloseCode};
+
+use crate::util::{block, collect, fec, seed, Collected, TestServer};
+
+const BLOCK: usize = 188 * 112;
+
+/// Publishes `n` blocks paced at `interval`, then ends the stream.
+async fn publish(mut p: quicast::Publisher, tag: u8, n: u64, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    for seq in 0..n {
+        tick.tick().await;
+        p.send(block(tag, seq, BLOCK), seq % 25 == 0).unwrap();
+    }
+    p.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_percent_loss_is_recovered_by_fec() {
+    let seed = seed();
+    let srv = TestServer::start(|c| {
+        c.fec(fec(0.5));
+    });
+    let publisher = srv.server.publish("live", None).unwrap();
+    let mut config = srv.client_config("live");
+    config.latency(Duration::from_millis(150));
+    let viewer = srv.viewer(config, 0.05, seed).await.unwrap();
+    let n = 300;
+    let pub_task = tokio::spawn(publish(publisher, 1, n, Duration::from_millis(10)));
+    let Collected {
+        blocks,
+        lost,
+        ended,
+        stats,
+    } = collect(viewer, Duration::from_secs(30)).await;
+    pub_task.await.unwrap();
+    println!("{stats:?}");
+    assert!(ended, "seed {seed}: stream did not end");
+    assert!(
+        stats.blocks_recovered > 0,
+        "seed {seed}: nothing recovered by FEC at 5% loss"
+    );
+    assert!(
+        blocks.len() as f64 >= 0.99 * n as f64,
+        "seed {seed}: delivered {} of {n} (lost {:?})",
+        blocks.len(),
+        lost
+    );
+    // Every delivered block is the one sent, in order.
+    for w in blocks.windows(2) {
+        assert!(w[0].0 < w[1].0, "seed {seed}: out of order");
+    }
+    for (seq, data) in &blocks {
+        assert_eq!(
+            data,
+            &block(1, *seq, BLOCK),
+            "seed {seed}: block {seq} corrupted"
+        );
+    }
+    assert_eq!(
+        blocks.len() + lost.len(),
+        n as usize,
+        "seed {seed}: every block has one outcome"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_viewers_receive_the_same_bytes() {
+    let srv = TestServer::start(|_| {});
+    let publisher = srv.server.publish("live", None).unwrap();
+    let mut viewers = Vec::new();
+    for _ in 0..3 {
+        viewers.push(srv.viewer(srv.client_config("live"), 0.0, 0).await.unwrap());
+    }
+    let n = 100;
+    let pub_task = tokio::spawn(publish(publisher, 7, n, Duration::from_millis(5)));
+    let tasks: Vec<_> = viewers
+        .into_iter()
+        .map(|v| tokio::spawn(collect(v, Duration::from_secs(20))))
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    pub_task.await.unwrap();
+    for r in &results {
+        assert!(r.ended);
+        assert!(
+            r.lost.is_empty(),
+            "no loss configured, yet lost {:?}",
+            r.lost
+        );
+        assert_eq!(r.blocks.len(), n as usize);
+    }
+    assert_eq!(results[0].blocks, results[1].blocks);
+    assert_eq!(results[1].blocks, results[2].blocks);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_streams_never_mix() {
+    let srv = TestServer::start(|_| {});
+    let a = srv.server.publish("a", None).unwrap();
+    let b = srv.server.publish("b", None).unwrap();
+    let va = srv.viewer(srv.client_config("a"), 0.0, 0).await.unwrap();
+    let vb = srv.viewer(srv.client_config("b"), 0.0, 0).await.unwrap();
+    let ta = tokio::spawn(publish(a, 0xa, 60, Duration::from_millis(5)));
+    let tb = tokio::spawn(publish(b, 0xb, 40, Duration::from_millis(7)));
+    let (ra, rb) = tokio::join!(
+        collect(va, Duration::from_secs(20)),
+        collect(vb, Duration::from_secs(20))
+    );
+    ta.await.unwrap();
+    tb.await.unwrap();
+    assert_eq!(ra.blocks.len(), 60);
+    assert_eq!(rb.blocks.len(), 40);
+    assert!(ra
+        .blocks
+        .iter()
+        .all(|(seq, d)| d == &block(0xa, *seq, BLOCK)));
+    assert!(rb
+        .blocks
+        .iter()
+        .all(|(seq, d)| d == &block(0xb, *seq, BLOCK)));
+    assert_eq!(ra.stats.wrong_stream + rb.stats.wrong_stream, 0);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_stream_is_rejected_with_a_reason() {
+    let srv = TestServer::start(|_| {});
+    let _live = srv.server.publish("live", None).unwrap();
+    let err = srv
+        .viewer(srv.client_config("nope"), 0.0, 0)
+        .await
+        .unwrap_err();
+    match &err {
+        ClientError::Rejected { code, reason } => {
+            assert_eq!(*code, CloseCode::NoSuchStream);
+            assert!(reason.contains("nope"), "reason names the stream: {reason}");
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(srv.server.stats().viewers_rejected, 1);
+    // The server still serves the stream that exists.
+    assert!(srv.viewer(srv.client_config("live"), 0.0, 0).await.is_ok());
+    srv.stop().await;
+}

@@ -1,0 +1,154 @@
+//! Shared test setup: an in-memory certificate, servers and viewers on loopback.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use quicast::{
+    config::FecConfig,
+    sim::{Impairment, LinkConfig, LossModel},
+    Client, ClientConfig, Event, Identity, Server, ServerConfig, Subscription,
+};
+use rustls_pki_types::CertificateDer;
+
+/// A fresh self-signed certificate, and the server identity using it.
+pub fn identity() -> (CertificateDer<'static>, Identity) {
+    let (cert, key) = quicast::net::tls::self_signed().expect("rcgen");
+    let key = match key {
+        rustls_pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+        _ => unreachable!("rcgen emits PKCS#8"),
+    };
+    (
+        cert.clone(),
+        Identity::Der {
+            certs: vec![cert],
+            key: Arc::new(key),
+        },
+    )
+}
+
+pub struct TestServer {
+    pub server: Server,
+    pub cert: CertificateDer<'static>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    pub fn start(tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        let (cert, identity) = identity();
+        let mut config = ServerConfig::new(identity);
+        config.listen("127.0.0.1:0".parse().unwrap());
+        tweak(&mut config);
+        let server = Server::bind(config).expect("bind");
+        let driver = tokio::spawn(server.run());
+        TestServer {
+            server,
+            cert,
+            driver,
+        }
+    }
+
+    pub fn client_config(&self, stream: &str) -> ClientConfig {
+        let mut c = ClientConfig::new(self.server.local_addr().unwrap(), stream);
+        c.add_root(self.cert.clone());
+        c
+    }
+
+    /// A viewer whose socket drops inbound packets with probability `loss`.
+    pub async fn viewer(
+        &self,
+        config: ClientConfig,
+        loss: f64,
+        seed: u64,
+    ) -> Result<Subscription, quicast::ClientError> {
+        let socket: Option<Arc<dyn quinn::AsyncUdpSocket>> = if loss > 0.0 {
+            let mut inbound = LinkConfig::default();
+            inbound.loss(LossModel::iid(loss).unwrap());
+            Some(
+                quicast::sim::bind(
+                    "127.0.0.1:0".parse().unwrap(),
+                    Impairment {
+                        inbound,
+                        outbound: LinkConfig::default(),
+                        seed,
+                    },
+                )
+                .unwrap(),
+            )
+        } else {
+            None
+        };
+        let endpoint = Client::endpoint(self.server.local_addr().unwrap(), socket)?;
+        Client::connect_with(&endpoint, config).await
+    }
+
+    pub async fn stop(self) {
+        self.server.shutdown(Duration::from_secs(1)).await;
+        self.driver.abort();
+    }
+}
+
+pub fn fec(redundancy: f64) -> FecConfig {
+    let mut f = FecConfig::default();
+    f.set_redundancy(redundancy).unwrap();
+    f
+}
+
+pub struct Collected {
+    pub blocks: Vec<(u64, Bytes)>,
+    pub lost: Vec<u64>,
+    pub ended: bool,
+    pub stats: quicast::ReceiverStats,
+}
+
+/// Collects a viewer's events until End, an error, or `limit`.
+pub async fn collect(mut sub: Subscription, limit: Duration) -> Collected {
+    let mut blocks = Vec::new();
+    let mut lost = Vec::new();
+    let mut ended = false;
+    let _ = tokio::time::timeout(limit, async {
+        while let Some(ev) = sub.next().await {
+            match ev {
+                Ok(Event::Block { seq, data, .. }) => blocks.push((seq, data)),
+                Ok(Event::Lost { seq }) => lost.push(seq),
+                Ok(Event::End) => {
+                    ended = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("viewer failed: {e}"),
+            }
+        }
+    })
+    .await;
+    Collected {
+        blocks,
+        lost,
+        ended,
+        stats: sub.stats(),
+    }
+}
+
+/// Deterministic block content: stream tag, sequence, then a pattern.
+pub fn block(tag: u8, seq: u64, len: usize) -> Bytes {
+    let mut v = Vec::with_capacity(len);
+    v.push(tag);
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend((9..len).map(|i| (i as u64 * 31 + seq * 7 + u64::from(tag)) as u8));
+    v.truncate(len);
+    Bytes::from(v)
+}
+
+/// A seed for this run, printed so a failure can be replayed.
+pub fn seed() -> u64 {
+    let seed = std::env::var("QUICAST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("seed {seed} (replay with QUICAST_SEED={seed})");
+    seed
+}
