@@ -14,6 +14,8 @@ pub use crate::fec::{DecoderConfig, FecConfig};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
 /// Default bytes of datagrams quinn may queue per connection before dropping the oldest.
 pub const DEFAULT_DATAGRAM_SEND_BUFFER: usize = 128 * 1024;
+/// Default congestion window floor (and initial window): 64 KiB.
+pub const DEFAULT_MIN_WINDOW: u64 = 64 * 1024;
 /// Default connection limit.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default limit on published streams.
@@ -67,6 +69,28 @@ impl std::str::FromStr for CongestionControl {
     }
 }
 
+/// How many of a block's encoded parity shards each viewer is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Parity {
+    /// Every parity shard the encoder made (see [`FecConfig`]). Default.
+    #[default]
+    All,
+    /// At most this many parity shards per code group. `Fixed(0)` sends plain
+    /// datagrams with no protection, for comparison.
+    Fixed(usize),
+}
+
+impl Parity {
+    /// Parity shards to send for a group that was encoded with `m`.
+    pub fn for_group(self, m: usize) -> usize {
+        match self {
+            Parity::All => m,
+            Parity::Fixed(n) => n.min(m),
+        }
+    }
+}
+
 /// Where the server's certificate comes from.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -100,7 +124,9 @@ pub struct ServerConfig {
     pub(crate) listen: SocketAddr,
     pub(crate) identity: Identity,
     pub(crate) fec: FecConfig,
+    pub(crate) parity: Parity,
     pub(crate) congestion: CongestionControl,
+    pub(crate) min_window: u64,
     pub(crate) datagram_send_buffer: usize,
     pub(crate) max_connections: usize,
     pub(crate) max_streams: usize,
@@ -121,7 +147,9 @@ impl ServerConfig {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             identity,
             fec: FecConfig::default(),
+            parity: Parity::default(),
             congestion: CongestionControl::default(),
+            min_window: DEFAULT_MIN_WINDOW,
             datagram_send_buffer: DEFAULT_DATAGRAM_SEND_BUFFER,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_streams: DEFAULT_MAX_STREAMS,
@@ -149,9 +177,34 @@ impl ServerConfig {
         self
     }
 
+    /// How much of the encoded parity each viewer gets. Default [`Parity::All`].
+    /// Blocks are encoded once with the most parity any viewer may need; this
+    /// only trims what is sent, never re-encodes.
+    pub fn parity(&mut self, parity: Parity) -> &mut Self {
+        self.parity = parity;
+        self
+    }
+
     /// Congestion controller. Default BBR; see [`CongestionControl`] for why.
     pub fn congestion(&mut self, cc: CongestionControl) -> &mut Self {
         self.congestion = cc;
+        self
+    }
+
+    /// Congestion window floor in bytes: the window starts here and never falls
+    /// below it. Default [`DEFAULT_MIN_WINDOW`] (64 KiB: about 16 Mbit/s of
+    /// pacing at a 40 ms RTT); 0 leaves the controller alone.
+    ///
+    /// Live media has a fixed rate and FEC for loss, so a controller that
+    /// throttles below that rate only moves loss from the network to the
+    /// sender's queue. quinn's BBR does so transiently after STARTUP (measured:
+    /// its window fell to 25 KB for 250 ms on a 44 KB bandwidth-delay path, and
+    /// blocks missed their deadline; see `src/net/cc.rs`). Set the floor to about
+    /// twice the stream's bitrate × RTT. Above what the path can carry, a floor
+    /// keeps sending into loss instead of backing off; media that does not fit
+    /// the path needs a lower bitrate, not a smaller window.
+    pub fn min_window(&mut self, bytes: u64) -> &mut Self {
+        self.min_window = bytes;
         self
     }
 

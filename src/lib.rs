@@ -73,7 +73,7 @@ pub mod session;
 pub mod sim;
 pub mod wire;
 
-pub use config::{ClientConfig, CongestionControl, Identity, ServerConfig};
+pub use config::{ClientConfig, CongestionControl, Identity, Parity, ServerConfig};
 pub use error::{ClientError, CloseCode, ServerError, TlsError};
 pub use net::{Client, Publisher, Server, ServerStats, Subscription};
 pub use session::{Event, ReceiverStats};

@@ -94,6 +94,7 @@ impl Client {
         let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
         client_config.transport_config(tls::transport(
             config.congestion,
+            crate::config::DEFAULT_MIN_WINDOW,
             config.idle_timeout,
             config.keep_alive,
             Some(config.datagram_receive_buffer),

@@ -21,7 +21,7 @@ use super::{
     tls,
 };
 use crate::{
-    config::ServerConfig,
+    config::{Parity, ServerConfig},
     fec::{EncodedBlock, Encoder},
     session::TokenBucket,
     wire::{self, ControlMessage, Flags, MAX_STRING_LEN},
@@ -158,6 +158,7 @@ impl Server {
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server_config.transport_config(tls::transport(
             config.congestion,
+            config.min_window,
             config.idle_timeout,
             config.keep_alive,
             // Viewers have no reason to send datagrams; a small buffer lets us
@@ -603,10 +604,11 @@ fn frame_error(shared: &Shared, conn: &quinn::Connection, e: FrameError) -> Conn
     }
 }
 
-/// Sends one block's shards to one viewer: all data, `parity` parity per group.
-fn send_block(shared: &Shared, conn: &quinn::Connection, block: &EncodedBlock, parity: usize) {
+/// Sends one block's shards to one viewer: all data, and the parity `parity` allows.
+fn send_block(shared: &Shared, conn: &quinn::Connection, block: &EncodedBlock, parity: Parity) {
     let c = &shared.counters;
-    for dg in block.datagrams_with_parity(parity) {
+    let m = block.groups().map(|(_, m, _)| m).max().unwrap_or(0);
+    for dg in block.datagrams_with_parity(parity.for_group(m)) {
         // quinn drops the oldest queued datagram to make room; count it.
         if conn.datagram_send_buffer_space() < dg.len() {
             c.datagrams_dropped.fetch_add(1, Relaxed);
@@ -637,7 +639,7 @@ async fn pump(
 ) -> Result<(), ConnEnd> {
     let mut shutdown = shared.shutdown.subscribe();
     let mut limiter = TokenBucket::new(shared.config.control_rate, shared.config.control_rate * 2);
-    let parity = usize::MAX;
+    let parity = shared.config.parity;
     let mut linger: Option<tokio::time::Instant> = None;
     loop {
         let linger_sleep = async {
@@ -648,7 +650,10 @@ async fn pump(
         };
         tokio::select! {
             item = rx.recv(), if linger.is_none() => match item {
-                Ok(Item::Block(block)) => send_block(shared, conn, &block, parity),
+                Ok(Item::Block(block)) => {
+                    trace!(target: "quicast::cc", seq = block.seq(), path = ?conn.stats().path, space = conn.datagram_send_buffer_space(), "block");
+                    send_block(shared, conn, &block, parity)
+                }
                 Ok(Item::End { last_seq }) => {
                     control::write(send, &ControlMessage::EndOfStream { last_seq }).await?;
                     linger = Some(tokio::time::Instant::now() + END_LINGER);

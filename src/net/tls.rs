@@ -12,6 +12,7 @@ use std::{
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+use super::cc::FlooredFactory;
 use crate::{
     config::{CongestionControl, Identity},
     TlsError,
@@ -178,6 +179,7 @@ pub(crate) fn client_crypto(
 /// congestion controller is a media decision; see [`CongestionControl`].
 pub(crate) fn transport(
     cc: CongestionControl,
+    min_window: u64,
     idle: Duration,
     keep_alive: Duration,
     datagram_receive: Option<usize>,
@@ -191,18 +193,55 @@ pub(crate) fn transport(
         // One control stream per connection; refuse the rest.
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into());
-    match cc {
-        CongestionControl::Bbr => {
-            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
-        }
-        CongestionControl::Cubic => {
-            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
-        }
-        CongestionControl::NewReno => {
-            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
-        }
-    };
+    set_congestion(&mut t, cc, min_window);
     Arc::new(t)
+}
+
+/// Installs controller `cc` with a window that starts at, and never falls
+/// below, `min_window` bytes (0: the controller's own behaviour).
+///
+/// Public so that benchmarks and apps that build their own quinn endpoints can
+/// use exactly the congestion settings quicast uses.
+pub fn set_congestion(t: &mut quinn::TransportConfig, cc: CongestionControl, min_window: u64) {
+    use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
+    fn floored<F>(mut inner: F, init: impl FnOnce(&mut F), floor: u64) -> Arc<FlooredFactory<F>> {
+        init(&mut inner);
+        Arc::new(FlooredFactory {
+            inner: Arc::new(inner),
+            floor,
+        })
+    }
+    // A zero floor leaves the controller's own initial window alone.
+    let w = min_window;
+    match cc {
+        CongestionControl::Bbr => t.congestion_controller_factory(floored(
+            BbrConfig::default(),
+            |c| {
+                if w > 0 {
+                    c.initial_window(w);
+                }
+            },
+            w,
+        )),
+        CongestionControl::Cubic => t.congestion_controller_factory(floored(
+            CubicConfig::default(),
+            |c| {
+                if w > 0 {
+                    c.initial_window(w);
+                }
+            },
+            w,
+        )),
+        CongestionControl::NewReno => t.congestion_controller_factory(floored(
+            NewRenoConfig::default(),
+            |c| {
+                if w > 0 {
+                    c.initial_window(w);
+                }
+            },
+            w,
+        )),
+    };
 }
 
 #[cfg(test)]
