@@ -34,6 +34,13 @@ pub const DEFAULT_INITIAL_LOSS: f64 = 0.02;
 /// few enough that one report interval of a real stream (hundreds of shards) outweighs it.
 const PRIOR_SHARDS: f64 = 100.0;
 
+/// Loss levels the aggregator precomputes tables for: 0, then geometric steps of 10% from
+/// `1e-6` up to 0.5, then 1. An estimate is rounded *up* to the next level, so the table a
+/// viewer gets is at worst computed for a 10% higher loss than estimated.
+const LEVEL_LOWEST: f64 = 1e-6;
+const LEVEL_RATIO: f64 = 1.1;
+const LEVEL_TOP: f64 = 0.5;
+
 /// How much forward error correction to send, and how to estimate the loss it must cover.
 ///
 /// A block of `k` data shards sent with `m` parity shards is lost when more than `m` of its
@@ -371,6 +378,47 @@ fn wilson_upper(p: f64, n: f64, z: f64) -> f64 {
     ((centre + margin) / (1.0 + z2 / n)).clamp(0.0, 1.0)
 }
 
+/// Parity tables for a fixed ladder of loss levels, built once per policy.
+///
+/// Rebuilding a 256-entry table on every report would cost more than the rest of the
+/// aggregator together; instead each viewer holds a level index, and its table is shared.
+#[derive(Debug, Clone)]
+pub(crate) struct ParityLevels {
+    /// Ascending loss levels; `levels[0] == 0`, the last is 1.
+    levels: Vec<f64>,
+    tables: Vec<ParityTable>,
+}
+
+/// Index of a loss level in [`ParityLevels`].
+pub(crate) type Level = u16;
+
+impl ParityLevels {
+    pub(crate) fn new(policy: &RedundancyPolicy) -> Self {
+        let mut levels = vec![0.0];
+        let mut p = LEVEL_LOWEST;
+        while p < LEVEL_TOP {
+            levels.push(p);
+            p *= LEVEL_RATIO;
+        }
+        levels.push(1.0);
+        let lf = LnFactorials::new();
+        let tables = levels.iter().map(|&p| policy.table_with(&lf, p)).collect();
+        Self { levels, tables }
+    }
+
+    /// The lowest level at or above `loss` (rounding up never under-protects).
+    pub(crate) fn level_for(&self, loss: f64) -> Level {
+        let loss = sanitize(loss);
+        let i = self.levels.partition_point(|&l| l < loss);
+        // The ladder has ~140 rungs, and `loss <= 1 == last`, so `i` is in range.
+        i.min(self.levels.len() - 1) as Level
+    }
+
+    pub(crate) fn table(&self, level: Level) -> &ParityTable {
+        &self.tables[usize::from(level).min(self.tables.len() - 1)]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,6 +542,21 @@ mod tests {
         assert_eq!(policy.parity_for(32, 0.0), 2);
         // A stricter target costs parity.
         assert!(policy.parity_for(32, 0.05) > RedundancyPolicy::default().parity_for(32, 0.05));
+    }
+
+    #[test]
+    fn levels_round_up() {
+        let policy = RedundancyPolicy::default();
+        let levels = ParityLevels::new(&policy);
+        assert!(levels.levels.len() < 200);
+        for p in [0.0, 1e-7, 0.0123, 0.1, 0.49, 0.7, 1.0, f64::NAN] {
+            let l = levels.level_for(p);
+            let at = levels.levels[usize::from(l)];
+            assert!(at >= sanitize(p), "{p} -> {at}");
+            // Never more than one 10% step above.
+            assert!(at <= (sanitize(p) * LEVEL_RATIO).max(LEVEL_LOWEST) || at == 1.0);
+            assert_eq!(levels.table(l), &policy.parity_table(at));
+        }
     }
 
     #[test]
