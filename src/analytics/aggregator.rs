@@ -827,7 +827,7 @@ fn stream_snapshot(s: &Stream, live: Option<&LiveFigures>, t: u64, k: usize) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::analytics::block_failure_probability;
+    use crate::analytics::{block_failure_probability, render};
     use rand::{rngs::SmallRng, Rng, SeedableRng};
 
     /// A clock the test moves, and shorthands for events.
@@ -928,6 +928,8 @@ mod tests {
         // 5 joins, 5 leaves (one for an unknown viewer): every call counts.
         assert_eq!(h.agg.applied(), 10);
         assert_eq!(s.applied, 10);
+        // The emptied stream still renders, at zero.
+        assert!(render(&s, &[]).contains("quicast_viewers{stream=\"a\"} 0\n"));
     }
 
     #[test]

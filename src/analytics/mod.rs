@@ -10,7 +10,8 @@
 //! Everything here is pure: no clock reads, no I/O, no async. Time comes in as an argument,
 //! so the tests drive the aggregator with a clock they move, and a JSON-lines log of
 //! [`LogRecord`]s replays into the same state. The edges are plain functions:
-//! [`Aggregator::snapshot`] returns a serializable [`Snapshot`], and [`Aggregator::viewer_summary`] gives the [`Summary`] sent back to a
+//! [`Aggregator::snapshot`] returns a serializable [`Snapshot`], [`render`] turns it into
+//! Prometheus text, and [`Aggregator::viewer_summary`] gives the [`Summary`] sent back to a
 //! viewer.
 //!
 //! ```
@@ -33,12 +34,15 @@
 //! // The sender looks up the parity for its block size per block.
 //! let parity = agg.viewer_parity(1).unwrap().parity(32);
 //! assert!(parity > 1);
+//! let text = quicast::analytics::render(&snap, &[]);
+//! assert!(text.contains("quicast_viewers{stream=\"live\"} 1"));
 //! ```
 //!
 //! [`Summary`]: crate::wire::Summary
 
 mod aggregator;
 mod event;
+mod metrics;
 mod policy;
 mod qoe;
 mod snapshot;
@@ -49,6 +53,7 @@ pub use aggregator::{
     Aggregator, AggregatorConfig, DEFAULT_MAX_STREAMS, DEFAULT_MAX_VIEWERS, DEFAULT_REFERENCE_K,
 };
 pub use event::{Input, InputKind, LogRecord};
+pub use metrics::{render, Metric, MetricKind, CONTENT_TYPE};
 pub use policy::{
     block_failure_probability, LossEstimator, ParityTable, RedundancyPolicy, DEFAULT_CONFIDENCE_Z,
     DEFAULT_EWMA_WEIGHT, DEFAULT_INITIAL_LOSS, DEFAULT_MAX_RATIO, DEFAULT_MIN_PARITY,
