@@ -13,16 +13,46 @@
 //! share the same memory. A per-viewer pump sends a viewer only part of the
 //! parity with [`EncodedBlock::datagrams_with_parity`].
 //!
-//! [`DecoderConfig`] bounds what a receiver holds.
+//! # Receiving
+//!
+//! A [`Decoder`] collects shards per block in a bounded window, rebuilds a block
+//! as soon as each of its code groups has `k` distinct shards, and gives up on
+//! a block at its deadline. Every block sequence number from the first one seen
+//! gets exactly one [`Outcome`] (plus a later [`BlockResult::Late`] report when
+//! a lost block becomes decodable after its deadline; late data is reported,
+//! never delivered). Outcomes come out in the order blocks finish, not in
+//! sequence order; in-order release is the session layer's job.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use quicast::fec::{BlockResult, Decoder, DecoderConfig, Encoder, FecConfig};
+//! use quicast::wire::{Flags, ShardHeader};
+//!
+//! let mut encoder = Encoder::new(1, FecConfig::default());
+//! let block = encoder.encode(0, 0, Flags::SYNC, &[7u8; 5000])?;
+//!
+//! let mut decoder = Decoder::new(DecoderConfig::default());
+//! let deadline = Instant::now() + Duration::from_millis(200);
+//! // Drop the first datagram: parity rebuilds it.
+//! for datagram in block.datagrams().iter().skip(1) {
+//!     let (header, payload) = ShardHeader::decode_datagram(datagram)?;
+//!     decoder.insert(&header, payload, deadline);
+//! }
+//! let outcome = decoder.poll_outcome().expect("block finished");
+//! assert!(matches!(outcome.result, BlockResult::Recovered { rebuilt: 1, .. }));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod codec;
 mod config;
+mod decoder;
 mod encoder;
 
 pub use config::{
     DecoderConfig, FecConfig, DEFAULT_MAX_BUFFERED_BYTES, DEFAULT_MAX_DATA_SHARDS,
     DEFAULT_REDUNDANCY, DEFAULT_SHARD_SIZE, DEFAULT_WINDOW, MAX_SHARD_SIZE, MAX_WINDOW,
 };
+pub use decoder::{BlockResult, Decoder, DecoderStats, Insert, Outcome};
 pub use encoder::{EncodedBlock, Encoder};
 
 /// Why a block could not be encoded or a configuration value was refused.
