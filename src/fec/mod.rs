@@ -170,6 +170,17 @@ mod tests {
         }
     }
 
+    /// The shell moves encoders, decoders and encoded blocks across tasks.
+    #[test]
+    fn types_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Encoder>();
+        check::<EncodedBlock>();
+        check::<Decoder>();
+        check::<Outcome>();
+        check::<FecError>();
+    }
+
     /// `MAX_BLOCK_LEN` matches the limit `wire` enforces.
     #[test]
     fn max_block_len_matches_wire() {
