@@ -73,7 +73,11 @@ struct Opts {
     #[arg(long, default_value_t = 4.0)]
     burst: f64,
     /// Loss rates to sweep, comma separated fractions.
-    #[arg(long, value_delimiter = ',', default_value = "0,0.01,0.02,0.05,0.10,0.20")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,0.01,0.02,0.05,0.10,0.20"
+    )]
     losses: Vec<f64>,
     /// Modes to run, comma separated: fec, datagram, stream.
     #[arg(long, value_delimiter = ',', default_value = "fec,datagram,stream")]
@@ -224,7 +228,10 @@ fn viewer_socket(opts: &Opts, model: Model, loss: f64) -> anyhow::Result<Arc<Los
 
 fn blocks(opts: &Opts) -> (u64, Duration) {
     let interval = Duration::from_secs_f64(opts.block_size as f64 * 8.0 / opts.bitrate as f64);
-    ((opts.seconds / interval.as_secs_f64()).ceil() as u64, interval)
+    (
+        (opts.seconds / interval.as_secs_f64()).ceil() as u64,
+        interval,
+    )
 }
 
 fn block(seq: u64, len: usize) -> Bytes {
@@ -278,7 +285,9 @@ async fn run_quicast(opts: &Opts, model: Model, loss: f64, fec: bool) -> anyhow:
     let _ = tokio::time::timeout(limit, async {
         while let Some(ev) = viewer.next().await {
             match ev {
-                Ok(Event::Block { seq, data, .. }) => rx.record(&published, seq, data.len(), budget),
+                Ok(Event::Block { seq, data, .. }) => {
+                    rx.record(&published, seq, data.len(), budget)
+                }
                 Ok(Event::End) | Err(_) => break,
                 Ok(_) => {}
             }
@@ -289,7 +298,13 @@ async fn run_quicast(opts: &Opts, model: Model, loss: f64, fec: bool) -> anyhow:
     let sstats = server.stats();
     if std::env::var("LOSS_BENCH_DEBUG").is_ok() {
         let v = viewer.stats();
-        eprintln!("sender drops {} late shards {} lost {} missing {:?}", sstats.datagrams_dropped, v.shards_late, v.blocks_lost, rx.missing(n));
+        eprintln!(
+            "sender drops {} late shards {} lost {} missing {:?}",
+            sstats.datagrams_dropped,
+            v.shards_late,
+            v.blocks_lost,
+            rx.missing(n)
+        );
     }
     viewer.close();
     server.shutdown(Duration::from_millis(200)).await;
@@ -489,7 +504,10 @@ async fn saturation_raw(opts: &Opts, secs: f64) -> anyhow::Result<Row> {
     client.set_default_client_config(cc);
     let sender = tokio::spawn(async move {
         let conn = server.accept().await.context("no connection")?.await?;
-        let size = conn.max_datagram_size().context("datagrams unsupported")?.min(1200);
+        let size = conn
+            .max_datagram_size()
+            .context("datagrams unsupported")?
+            .min(1200);
         let payload = Bytes::from(vec![0u8; size]);
         let end = Instant::now() + Duration::from_secs_f64(secs);
         let mut sent = 0u64;
@@ -685,7 +703,10 @@ fn plot(path: &std::path::Path, opts: &Opts, rows: &[Row]) -> anyhow::Result<()>
     );
     let root = root.titled(&title, ("sans-serif", 20))?;
     let (left, right) = root.split_horizontally(600);
-    let sweep: Vec<&Row> = rows.iter().filter(|r| !r.mode.contains("saturation")).collect();
+    let sweep: Vec<&Row> = rows
+        .iter()
+        .filter(|r| !r.mode.contains("saturation"))
+        .collect();
     let max_loss = sweep.iter().map(|r| r.loss * 100.0).fold(1.0, f64::max);
     let max_p99 = sweep
         .iter()
@@ -731,7 +752,11 @@ fn plot(path: &std::path::Path, opts: &Opts, rows: &[Row]) -> anyhow::Result<()>
                 .map(|r| {
                     (
                         r.loss * 100.0,
-                        if metric == "p99" { r.p99_ms } else { r.on_time_pct },
+                        if metric == "p99" {
+                            r.p99_ms
+                        } else {
+                            r.on_time_pct
+                        },
                     )
                 })
                 .filter(|(_, y)| !y.is_nan())
@@ -742,7 +767,9 @@ fn plot(path: &std::path::Path, opts: &Opts, rows: &[Row]) -> anyhow::Result<()>
             chart
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
                 .label(format!("{mode} ({model})"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
             chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
         }
         if metric == "p99" {
@@ -780,7 +807,11 @@ fn main() -> anyhow::Result<()> {
     let mut opts = Opts::parse();
     let runs: Vec<(Model, f64)> = if opts.quick {
         opts.seconds = opts.seconds.min(5.0);
-        vec![(Model::Iid, 0.0), (Model::Iid, 0.05), (Model::Bursty(opts.burst), 0.05)]
+        vec![
+            (Model::Iid, 0.0),
+            (Model::Iid, 0.05),
+            (Model::Bursty(opts.burst), 0.05),
+        ]
     } else {
         let mut v: Vec<(Model, f64)> = opts.losses.iter().map(|&p| (Model::Iid, p)).collect();
         v.extend(
@@ -791,9 +822,10 @@ fn main() -> anyhow::Result<()> {
         );
         v
     };
-    let out = opts.out.clone().unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/loss-bench")
-    });
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/loss-bench"));
     std::fs::create_dir_all(&out)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

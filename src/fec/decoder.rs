@@ -1002,7 +1002,11 @@ mod tests {
                 }
                 BlockResult::Lost { needed, .. } => {
                     assert!(!recoverable, "{ctx}");
-                    assert_eq!(*needed, out.groups().map(|(k, ..)| k).sum(), "{ctx}");
+                    assert_eq!(
+                        *needed,
+                        out.groups().map(|(k, ..)| k).sum::<usize>(),
+                        "{ctx}"
+                    );
                     lost += 1;
                 }
                 other => panic!("{ctx}: {other:?}"),

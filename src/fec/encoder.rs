@@ -372,7 +372,7 @@ mod tests {
         }
         assert_eq!(
             out.wire_bytes(4),
-            out.datagrams().iter().map(Bytes::len).sum()
+            out.datagrams().iter().map(Bytes::len).sum::<usize>()
         );
     }
 

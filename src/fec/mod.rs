@@ -76,16 +76,8 @@ pub enum FecError {
     InvalidConfig(&'static str),
 }
 
-// The block split below mirrors `wire::header::{data_shards_for, group_span,
-// MAX_BLOCK_LEN}`. Those are `pub` inside the private `wire::header` module but
-// not re-exported by `wire`, so `fec` cannot name them and may not edit `wire`.
-// The split is part of the protocol (a receiver recomputes it instead of it
-// being sent), so the two copies must agree: `split_matches_wire` and the
-// encoder tests check every encoded datagram with `ShardHeader::decode_datagram`,
-// which runs the wire copy. Once `wire` re-exports them, delete these.
-
-/// Largest block a header may announce; mirrors `wire::header::MAX_BLOCK_LEN`.
-pub(crate) const MAX_BLOCK_LEN: usize = 16 << 20;
+/// Largest block a header may announce (the wire limit), in bytes.
+pub(crate) const MAX_BLOCK_LEN: usize = crate::wire::MAX_BLOCK_LEN as usize;
 
 /// Most data shards one code group may have: `k` is a `u8` on the wire.
 pub(crate) const MAX_GROUP_DATA_SHARDS: usize = 255;
@@ -93,82 +85,13 @@ pub(crate) const MAX_GROUP_DATA_SHARDS: usize = 255;
 /// Most code groups one block may have: the group count is a `u8` on the wire.
 pub(crate) const MAX_GROUPS: usize = 255;
 
-/// Data shards for `block_len` bytes at `shard_size` bytes per shard; an empty
-/// block still takes one all-padding shard. Mirrors `wire::header::data_shards_for`.
-pub(crate) fn data_shards_for(block_len: usize, shard_size: usize) -> usize {
-    block_len.div_ceil(shard_size.max(1)).max(1)
-}
-
-/// `(first data shard, data shard count)` of `group` when `total` data shards
-/// are spread over `groups` groups, larger groups first. Mirrors
-/// `wire::header::group_span`.
-pub(crate) fn group_span(total: usize, groups: usize, group: usize) -> (usize, usize) {
-    let groups = groups.max(1);
-    let base = total / groups;
-    let extra = total % groups;
-    let k = base + usize::from(group < extra);
-    let first = group * base + group.min(extra);
-    (first, k)
-}
+// The split of a block into groups is part of the protocol (a receiver
+// recomputes it instead of it being sent); both sides use wire's.
+pub(crate) use crate::wire::{data_shards_for, group_span};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{Encode, Flags, ShardHeader};
-    use bytes::Bytes;
-    use rand::{rngs::SmallRng, Rng, SeedableRng};
-
-    fn datagram(h: &ShardHeader, payload: usize) -> Bytes {
-        let mut buf = Vec::new();
-        h.encode(&mut buf);
-        buf.resize(buf.len() + payload, 0);
-        Bytes::from(buf)
-    }
-
-    /// The mirrored split accepts exactly what `wire`'s `decode_datagram`
-    /// accepts: for random block lengths, shard sizes and group counts, the `k`
-    /// our `group_span` computes passes and `k ± 1` fails.
-    #[test]
-    fn split_matches_wire() {
-        let seed = crate::testing::seed();
-        let mut rng = SmallRng::seed_from_u64(seed);
-        for _ in 0..2000 {
-            let shard = rng.random_range(1..3000);
-            let len = rng.random_range(0..=(MAX_BLOCK_LEN / 64));
-            let total = data_shards_for(len, shard);
-            let groups = rng.random_range(1..=total.min(MAX_GROUPS));
-            if total.div_ceil(groups) > MAX_GROUP_DATA_SHARDS {
-                continue;
-            }
-            let group = rng.random_range(0..groups);
-            let (_, k) = group_span(total, groups, group);
-            let h = |k: usize| ShardHeader {
-                flags: Flags::empty(),
-                stream_id: 1,
-                seq: 9,
-                timestamp_us: 0,
-                k: k as u8,
-                m: 1,
-                index: 0,
-                block_len: len as u32,
-                group: group as u8,
-                groups: groups as u8,
-            };
-            let ctx = format!("seed {seed}: len {len} shard {shard} group {group}/{groups}");
-            assert!(
-                ShardHeader::decode_datagram(&datagram(&h(k), shard)).is_ok(),
-                "{ctx}"
-            );
-            for bad in [k - 1, k + 1] {
-                if (1..=MAX_GROUP_DATA_SHARDS).contains(&bad) {
-                    assert!(
-                        ShardHeader::decode_datagram(&datagram(&h(bad), shard)).is_err(),
-                        "{ctx}: k {bad}"
-                    );
-                }
-            }
-        }
-    }
 
     /// The shell moves encoders, decoders and encoded blocks across tasks.
     #[test]
@@ -179,25 +102,5 @@ mod tests {
         check::<Decoder>();
         check::<Outcome>();
         check::<FecError>();
-    }
-
-    /// `MAX_BLOCK_LEN` matches the limit `wire` enforces.
-    #[test]
-    fn max_block_len_matches_wire() {
-        let h = |len: usize| ShardHeader {
-            flags: Flags::empty(),
-            stream_id: 1,
-            seq: 0,
-            timestamp_us: 0,
-            k: 255,
-            m: 1,
-            index: 0,
-            block_len: len as u32,
-            group: 0,
-            groups: 1,
-        };
-        let shard = MAX_BLOCK_LEN / 255 + 1;
-        assert!(ShardHeader::decode_datagram(&datagram(&h(MAX_BLOCK_LEN), shard)).is_ok());
-        assert!(ShardHeader::decode_datagram(&datagram(&h(MAX_BLOCK_LEN + 1), shard)).is_err());
     }
 }

@@ -316,16 +316,10 @@ struct Session {
 /// `futures::stream::unfold` without the dependency: the session's state lives
 /// in one boxed future between polls, so an in-flight write is never torn.
 fn futures_unfold(session: Session) -> impl Stream<Item = Result<Event, ClientError>> + Send {
+    type Step = (Session, Option<Result<Event, ClientError>>);
     struct Unfold {
         state: Option<Session>,
-        fut: Option<
-            Pin<
-                Box<
-                    dyn std::future::Future<Output = (Session, Option<Result<Event, ClientError>>)>
-                        + Send,
-                >,
-            >,
-        >,
+        fut: Option<Pin<Box<dyn std::future::Future<Output = Step> + Send>>>,
     }
     impl Stream for Unfold {
         type Item = Result<Event, ClientError>;
