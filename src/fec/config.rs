@@ -49,7 +49,9 @@ impl Default for FecConfig {
 }
 
 impl FecConfig {
-    /// Shard payload bytes per datagram (default 1100, range 1..=65 000).
+    /// Largest shard payload per datagram (default 1100, range 1..=65 000).
+    /// Each block uses as few shards as this allows, sized evenly, so a
+    /// block's shards may be a little smaller.
     ///
     /// A datagram is this payload plus a header of at most
     /// [`MAX_HEADER_LEN`](crate::wire::MAX_HEADER_LEN) (35) bytes. quinn's

@@ -42,7 +42,8 @@ impl Encoder {
     /// Encodes `block` as block `seq` into data and parity shard datagrams.
     ///
     /// The block is split into `N = ceil(len / shard_size)` data shards (at
-    /// least one; the last is zero-padded), spread over
+    /// least one) of `ceil(len / N)` bytes each, so only the last is padded,
+    /// by less than `N` bytes; they are spread over
     /// `ceil(N / max_data_shards)` code groups, and each group gets
     /// [`FecConfig::parity_shards`] parity shards. All datagrams, headers
     /// included, live in one allocation: the block bytes are copied into it
@@ -68,7 +69,11 @@ impl Encoder {
                 max,
             });
         }
-        let shard = self.config.shard_size();
+        // The configured shard size is a ceiling. Spreading the block evenly
+        // over the shards it needs leaves under one byte of padding per shard
+        // instead of up to a whole shard (4.5% of a 21 KB block at 1100 bytes).
+        let needed = data_shards_for(block.len(), self.config.shard_size());
+        let shard = block.len().div_ceil(needed).max(1);
         let total = data_shards_for(block.len(), shard);
         // <= 255 and <= total, as max_block_len guarantees.
         let groups = total.div_ceil(self.config.max_data_shards());
@@ -296,6 +301,11 @@ mod tests {
 
             assert_eq!((out.seq(), out.len(), out.flags()), (seq, len, Flags::SYNC));
             let total = data_shards_for(len, shard);
+            // Shards are as even as possible and never above the configured size.
+            let even = len.div_ceil(total).max(1);
+            assert_eq!(out.shard_size(), even, "{ctx}");
+            assert!(even <= shard, "{ctx}");
+            assert_eq!(data_shards_for(len, even), total, "{ctx}");
             assert_eq!(out.groups().len(), total.div_ceil(kmax), "{ctx}");
             let mut data = Vec::new();
             for (g, (k, m, dgs)) in out.groups().enumerate() {
@@ -315,7 +325,7 @@ mod tests {
                         "{ctx}"
                     );
                     assert_eq!((h.k as usize, h.m as usize), (k, m), "{ctx}");
-                    assert_eq!(p.len(), shard, "{ctx}");
+                    assert_eq!(p.len(), even, "{ctx}");
                     payloads.push(p.to_vec());
                 }
                 data.extend(payloads[..k].iter().flatten().copied());
@@ -326,7 +336,8 @@ mod tests {
             }
             assert_eq!(&data[..len], &block[..], "{ctx}");
             assert!(data[len..].iter().all(|&b| b == 0), "{ctx}: padding");
-            assert_eq!(data.len(), total * shard, "{ctx}");
+            assert_eq!(data.len(), total * even, "{ctx}");
+            assert!(data.len() - len < total, "{ctx}: under one byte of padding per shard");
         }
     }
 
