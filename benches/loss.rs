@@ -56,9 +56,12 @@ struct Opts {
     /// Bytes per block (multiple of 188).
     #[arg(long, default_value_t = 188 * 112)]
     block_size: usize,
-    /// Parity ratio encoded for the fec mode.
-    #[arg(long, default_value_t = 0.25)]
+    /// Most parity per data shard encoded for the fec mode (adaptive per viewer).
+    #[arg(long, default_value_t = 0.5)]
     redundancy: f64,
+    /// Parity ratio of the fec-fixed mode (every viewer gets all of it).
+    #[arg(long, default_value_t = 0.25)]
+    fixed_redundancy: f64,
     /// Data shards per code group.
     #[arg(long, default_value_t = 32)]
     max_data_shards: usize,
@@ -79,8 +82,13 @@ struct Opts {
         default_value = "0,0.01,0.02,0.05,0.10,0.20"
     )]
     losses: Vec<f64>,
-    /// Modes to run, comma separated: fec, datagram, stream.
-    #[arg(long, value_delimiter = ',', default_value = "fec,datagram,stream")]
+    /// Modes to run, comma separated: fec (adaptive parity, as shipped),
+    /// fec-fixed (a fixed parity ratio), datagram, stream.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "fec,fec-fixed,datagram,stream"
+    )]
     modes: Vec<String>,
     /// Seed of the loss pattern (the same for every mode).
     #[arg(long, default_value_t = 7)]
@@ -240,18 +248,38 @@ fn block(seq: u64, len: usize) -> Bytes {
     Bytes::from(v)
 }
 
-/// quicast over datagrams; `parity` None sends every encoded parity shard.
-async fn run_quicast(opts: &Opts, model: Model, loss: f64, fec: bool) -> anyhow::Result<Row> {
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Dgram {
+    /// As shipped: parity per viewer from its reported loss.
+    Adaptive,
+    /// Every viewer gets `fixed_redundancy` parity.
+    Fixed,
+    /// No parity at all.
+    Plain,
+}
+
+/// quicast over datagrams.
+async fn run_quicast(opts: &Opts, model: Model, loss: f64, mode: Dgram) -> anyhow::Result<Row> {
     let (cert, identity) = identity();
     let mut fc = FecConfig::default();
-    fc.set_redundancy(opts.redundancy)?;
+    fc.set_redundancy(if mode == Dgram::Fixed {
+        opts.fixed_redundancy
+    } else {
+        opts.redundancy
+    })?;
     fc.set_max_data_shards(opts.max_data_shards)?;
     let mut config = ServerConfig::new(identity);
     config
         .fec(fc)
         .congestion(opts.cc)
         .min_window(opts.min_window)
-        .parity(if fec { Parity::All } else { Parity::Fixed(0) });
+        // Reports twice a second, so the adaptive loop settles early in a run.
+        .report_interval(Duration::from_millis(500))
+        .parity(match mode {
+            Dgram::Adaptive => Parity::Adaptive,
+            Dgram::Fixed => Parity::All,
+            Dgram::Plain => Parity::Fixed(0),
+        });
     let ssock = server_socket()?;
     let server = Server::bind_socket(config, ssock.clone())?;
     let addr = server.local_addr()?;
@@ -311,7 +339,11 @@ async fn run_quicast(opts: &Opts, model: Model, loss: f64, fec: bool) -> anyhow:
     driver.abort();
     Ok(row(
         opts,
-        if fec { "fec" } else { "datagram" },
+        match mode {
+            Dgram::Adaptive => "fec",
+            Dgram::Fixed => "fec-fixed",
+            Dgram::Plain => "datagram",
+        },
         model,
         loss,
         n,
@@ -632,12 +664,13 @@ fn fmt(v: f64, digits: usize) -> String {
 fn print_table(opts: &Opts, rows: &[Row]) {
     println!();
     println!(
-        "Loss sweep: {:.1} Mbit/s, {} ms one-way delay, {} ms budget, {} byte blocks, {:.0}% parity (fec), {:?}, seed {}, {} s per run",
+        "Loss sweep: {:.1} Mbit/s, {} ms one-way delay, {} ms budget, {} byte blocks, fec: adaptive parity up to {:.0}%, fec-fixed: {:.0}%, {:?}, seed {}, {} s per run",
         opts.bitrate as f64 / 1e6,
         opts.delay_ms,
         opts.budget().as_millis(),
         opts.block_size,
         opts.redundancy * 100.0,
+        opts.fixed_redundancy * 100.0,
         opts.cc,
         opts.seed,
         opts.seconds
@@ -725,6 +758,8 @@ fn plot(path: &std::path::Path, opts: &Opts, rows: &[Row]) -> anyhow::Result<()>
     let lines = [
         ("fec", "iid", RGBColor(0, 114, 178)),
         ("fec", "bursty", RGBColor(86, 180, 233)),
+        ("fec-fixed", "iid", RGBColor(204, 121, 167)),
+        ("fec-fixed", "bursty", RGBColor(230, 170, 200)),
         ("datagram", "iid", RGBColor(213, 94, 0)),
         ("datagram", "bursty", RGBColor(230, 159, 0)),
         ("stream", "iid", RGBColor(0, 158, 115)),
@@ -837,8 +872,9 @@ fn main() -> anyhow::Result<()> {
             let started = Instant::now();
             let r = rt.block_on(async {
                 match mode.as_str() {
-                    "fec" => run_quicast(&opts, model, loss, true).await,
-                    "datagram" => run_quicast(&opts, model, loss, false).await,
+                    "fec" => run_quicast(&opts, model, loss, Dgram::Adaptive).await,
+                    "fec-fixed" => run_quicast(&opts, model, loss, Dgram::Fixed).await,
+                    "datagram" => run_quicast(&opts, model, loss, Dgram::Plain).await,
                     "stream" => run_stream(&opts, model, loss).await,
                     other => anyhow::bail!("unknown mode {other}"),
                 }

@@ -117,7 +117,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             },
             _ = &mut stop => break,
             _ = redraw.tick(), if live => {
-                eprint!("{}", common::progress_line(&sub.stats(), started.elapsed()));
+                eprint!("{}", common::progress_line(&sub.stats(), started.elapsed(), sub.summary()));
             }
         }
     }
@@ -125,7 +125,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         out.flush().await?;
     }
     if live {
-        eprintln!("{}", common::progress_line(&sub.stats(), started.elapsed()));
+        eprintln!(
+            "{}",
+            common::progress_line(&sub.stats(), started.elapsed(), sub.summary())
+        );
     }
     let stats = sub.stats();
     if let Some(summary) = sub.summary() {

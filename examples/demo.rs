@@ -27,8 +27,8 @@ struct Args {
     /// Bytes per block (a multiple of 188).
     #[arg(long, default_value_t = 188 * 112)]
     block_size: usize,
-    /// Parity shards per data shard (0.25 = 25%).
-    #[arg(long, default_value_t = 0.25)]
+    /// Most parity shards per data shard encoded (0.5 = 50%); each viewer gets what its loss needs.
+    #[arg(long, default_value_t = 0.5)]
     redundancy: f64,
     /// Viewer's latency budget, milliseconds (sender timestamp to delivery).
     #[arg(long, default_value_t = 100)]
@@ -75,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
         .latency(Duration::from_millis(args.latency));
     let mut viewer = Client::connect_with(&endpoint, config).await?;
     eprintln!(
-        "quicast demo: {:.1} Mbit/s for {} s, {} byte blocks, {:.0}% parity, {:.1}% loss{}, {} ms delay, {} ms budget",
+        "quicast demo: {:.1} Mbit/s for {} s, {} byte blocks, up to {:.0}% parity, {:.1}% loss{}, {} ms delay, {} ms budget",
         args.bitrate as f64 / 1e6,
         args.seconds,
         args.block_size,
@@ -113,17 +113,33 @@ async fn main() -> anyhow::Result<()> {
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e.into()),
             },
-            _ = redraw.tick(), if live => eprint!("{}", common::progress_line(&viewer.stats(), started.elapsed())),
+            _ = redraw.tick(), if live => eprint!("{}", common::progress_line(&viewer.stats(), started.elapsed(), viewer.summary())),
             _ = &mut limit => break,
         }
     }
     publishing.await??;
     let stats = viewer.stats();
     if live {
-        eprintln!("{}", common::progress_line(&stats, started.elapsed()));
+        eprintln!(
+            "{}",
+            common::progress_line(&stats, started.elapsed(), viewer.summary())
+        );
     }
     let sent = server.stats();
-    common::print_report(&stats, started.elapsed(), Some(sent.bytes_sent));
+    common::print_report(
+        &stats,
+        started.elapsed(),
+        Some((sent.bytes_sent, sent.media_bytes)),
+    );
+    if let Some(s) = viewer.summary() {
+        eprintln!(
+            "  server's view         QoE {} (stream {}), parity {} per 32 data shards, loss {:.2} % before FEC",
+            s.viewer_qoe,
+            s.stream_qoe,
+            s.parity,
+            s.loss_ppm as f64 / 1e4
+        );
+    }
     eprintln!(
         "  sender                {:>10} datagrams, {} dropped at sender",
         sent.datagrams_sent, sent.datagrams_dropped

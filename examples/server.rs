@@ -12,7 +12,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Parser;
-use quicast::{config::FecConfig, CongestionControl, Identity, Server, ServerConfig};
+use quicast::{config::FecConfig, CongestionControl, Identity, Parity, Server, ServerConfig};
 use tokio::io::AsyncReadExt;
 
 /// Serve a live stream to quicast viewers over QUIC datagrams with Reed-Solomon FEC.
@@ -35,9 +35,18 @@ struct Args {
     /// Name of the stream viewers subscribe to.
     #[arg(long, default_value = "live")]
     stream: String,
-    /// Parity shards per data shard encoded for every block (0.25 = 25%).
-    #[arg(long, default_value_t = 0.25)]
+    /// Most parity shards per data shard, encoded once for every block (0.5 = 50%).
+    #[arg(long, default_value_t = 0.5)]
     redundancy: f64,
+    /// Parity each viewer is sent: `auto` (from its reported loss), `all`, or a count per group.
+    #[arg(long, default_value = "auto", value_parser = parse_parity)]
+    parity: Parity,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Append every accepted viewer event to PATH as JSON lines.
+    #[arg(long, value_name = "PATH")]
+    events: Option<PathBuf>,
     /// Most data shards per code group; larger groups protect better against random loss.
     #[arg(long, default_value_t = 32)]
     max_data_shards: usize,
@@ -84,6 +93,8 @@ async fn main() -> anyhow::Result<()> {
         .listen(args.listen)
         .fec(fec)
         .congestion(args.congestion)
+        .parity(args.parity)
+        .event_log(args.events.clone())
         .token(args.token.clone().map(Bytes::from));
     let server = match args.impair.socket(args.listen)? {
         Some(socket) => Server::bind_socket(config, socket),
@@ -99,6 +110,13 @@ async fn main() -> anyhow::Result<()> {
         args.block_size
     );
     let driver = tokio::spawn(server.run());
+    if let Some(addr) = args.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics listener on {addr}"))?;
+        eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
+        tokio::spawn(quicast::net::serve_metrics(listener, server.clone()));
+    }
 
     if args.start_on_viewer {
         eprintln!("waiting for the first viewer...");
@@ -162,13 +180,26 @@ async fn main() -> anyhow::Result<()> {
     driver.abort();
     let stats = server.stats();
     eprintln!(
-        "sent {} datagrams ({:.2} MB), dropped at sender {}, too large {}",
+        "sent {} datagrams ({:.2} MB), dropped at sender {}, too large {}; {} viewer events accepted, {} logged",
         stats.datagrams_sent,
         stats.bytes_sent as f64 / 1e6,
         stats.datagrams_dropped,
-        stats.datagrams_too_large
+        stats.datagrams_too_large,
+        stats.events_accepted,
+        stats.events_logged,
     );
     Ok(())
+}
+
+fn parse_parity(s: &str) -> Result<Parity, String> {
+    match s {
+        "auto" => Ok(Parity::Adaptive),
+        "all" => Ok(Parity::All),
+        n => n
+            .parse()
+            .map(Parity::Fixed)
+            .map_err(|_| format!("{s:?}: expected auto, all or a number")),
+    }
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.

@@ -8,6 +8,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use bytes::Bytes;
 use rustls_pki_types::CertificateDer;
 
+pub use crate::analytics::{AggregatorConfig, RedundancyPolicy};
 pub use crate::fec::{DecoderConfig, FecConfig};
 
 /// Default listen address of the server: loopback, port 4433.
@@ -16,6 +17,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
 pub const DEFAULT_DATAGRAM_SEND_BUFFER: usize = 128 * 1024;
 /// Default congestion window floor (and initial window): 256 KiB.
 pub const DEFAULT_MIN_WINDOW: u64 = 256 * 1024;
+/// Default analytics queue, in events.
+pub const DEFAULT_ANALYTICS_QUEUE: usize = 4096;
 /// Default connection limit.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default limit on published streams.
@@ -73,8 +76,14 @@ impl std::str::FromStr for CongestionControl {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Parity {
-    /// Every parity shard the encoder made (see [`FecConfig`]). Default.
+    /// From each viewer's reported loss, the fewest parity shards that keep its
+    /// expected residual block loss under the policy's target (see
+    /// [`RedundancyPolicy`](crate::analytics::RedundancyPolicy)), capped by what
+    /// was encoded. Until a viewer's first estimate it gets every encoded
+    /// parity shard. Default.
     #[default]
+    Adaptive,
+    /// Every parity shard the encoder made (see [`FecConfig`]).
     All,
     /// At most this many parity shards per code group. `Fixed(0)` sends plain
     /// datagrams with no protection, for comparison.
@@ -82,9 +91,11 @@ pub enum Parity {
 }
 
 impl Parity {
-    /// Parity shards to send for a group that was encoded with `m`.
-    pub fn for_group(self, m: usize) -> usize {
+    /// Parity shards to send for a group that was encoded with `m`, when the
+    /// adaptive choice (if any) is `adaptive`.
+    pub fn for_group(self, m: usize, adaptive: Option<usize>) -> usize {
         match self {
+            Parity::Adaptive => adaptive.unwrap_or(m).min(m),
             Parity::All => m,
             Parity::Fixed(n) => n.min(m),
         }
@@ -138,6 +149,10 @@ pub struct ServerConfig {
     pub(crate) max_control_frame: usize,
     pub(crate) control_rate: u32,
     pub(crate) token: Option<Bytes>,
+    pub(crate) analytics: AggregatorConfig,
+    pub(crate) policy: RedundancyPolicy,
+    pub(crate) analytics_queue: usize,
+    pub(crate) event_log: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -161,7 +176,43 @@ impl ServerConfig {
             max_control_frame: crate::wire::MAX_CONTROL_FRAME,
             control_rate: DEFAULT_CONTROL_RATE,
             token: None,
+            analytics: AggregatorConfig::default(),
+            policy: RedundancyPolicy::default(),
+            analytics_queue: DEFAULT_ANALYTICS_QUEUE,
+            event_log: None,
         }
+    }
+
+    /// Limits and QoE model of the analytics aggregator. Default
+    /// [`AggregatorConfig::default`]; its redundancy policy is replaced by
+    /// [`redundancy_policy`](Self::redundancy_policy).
+    pub fn analytics(&mut self, config: AggregatorConfig) -> &mut Self {
+        self.analytics = config;
+        self
+    }
+
+    /// The decision loop from viewer loss to parity, for [`Parity::Adaptive`].
+    /// Default [`RedundancyPolicy::default`] (residual block loss under 1e-4).
+    /// Its `max_ratio` is set to the encoded [`FecConfig::redundancy`]: a
+    /// viewer can only be sent parity that was encoded.
+    pub fn redundancy_policy(&mut self, policy: RedundancyPolicy) -> &mut Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Analytics events that may wait for the aggregator. Default
+    /// [`DEFAULT_ANALYTICS_QUEUE`]. When full, reports and app events are
+    /// dropped and counted (`events_dropped`); joins and leaves wait up to 1 s.
+    pub fn analytics_queue(&mut self, events: usize) -> &mut Self {
+        self.analytics_queue = events.max(16);
+        self
+    }
+
+    /// Appends every accepted analytics event as one JSON line to `path`: the
+    /// durable record. Default none. Flushed on [`Server::shutdown`](crate::Server::shutdown).
+    pub fn event_log(&mut self, path: Option<PathBuf>) -> &mut Self {
+        self.event_log = path;
+        self
     }
 
     /// UDP address to listen on. Default [`DEFAULT_LISTEN`] (loopback only);

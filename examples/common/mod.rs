@@ -108,7 +108,8 @@ impl Synthetic {
 }
 
 /// Prints the viewer's final report as a table on stderr.
-pub fn print_report(stats: &ReceiverStats, elapsed: Duration, wire_bytes: Option<u64>) {
+/// `wire` is (datagram bytes sent, media bytes published), when known.
+pub fn print_report(stats: &ReceiverStats, elapsed: Duration, wire: Option<(u64, u64)>) {
     let lat = stats.latency();
     let total = stats.blocks_delivered + stats.blocks_lost;
     let pct = |n: u64| {
@@ -157,21 +158,31 @@ pub fn print_report(stats: &ReceiverStats, elapsed: Duration, wire_bytes: Option
         "  latency p99.9 / max   {:>7.2} / {:.2} ms",
         lat.p999, lat.max
     );
-    if let Some(wire) = wire_bytes {
-        if stats.bytes_delivered > 0 {
+    if let Some((wire, media)) = wire {
+        if media > 0 {
             eprintln!(
                 "  overhead (wire/media) {:>9.1} %",
-                100.0 * (wire as f64 / stats.bytes_delivered as f64 - 1.0)
+                100.0 * (wire as f64 / media as f64 - 1.0)
             );
         }
     }
 }
 
-/// One progress line, redrawn in place.
-pub fn progress_line(stats: &ReceiverStats, elapsed: Duration) -> String {
+/// One progress line, redrawn in place; with the server's latest summary if any.
+pub fn progress_line(
+    stats: &ReceiverStats,
+    elapsed: Duration,
+    summary: Option<quicast::wire::Summary>,
+) -> String {
     let lat = stats.latency();
+    let summary = summary.map_or(String::new(), |s| {
+        format!(
+            "  QoE {}/{}  parity {}",
+            s.viewer_qoe, s.stream_qoe, s.parity
+        )
+    });
     format!(
-        "\r{:>6.1}s  delivered {:>7}  recovered {:>6}  lost {:>5}  late {:>4}  p50 {:>6.2} ms  p99 {:>6.2} ms  {:>6.2} Mbit/s ",
+        "\r{:>6.1}s  delivered {:>7}  recovered {:>6}  lost {:>5}  late {:>4}  p50 {:>6.2} ms  p99 {:>6.2} ms  {:>6.2} Mbit/s{summary} ",
         elapsed.as_secs_f64(),
         stats.blocks_delivered,
         stats.blocks_recovered,

@@ -11,7 +11,7 @@ pub const DEFAULT_SHARD_SIZE: usize = 1100;
 pub const MAX_SHARD_SIZE: usize = 65_000;
 
 /// Default ratio of parity to data shards; see [`FecConfig::set_redundancy`].
-pub const DEFAULT_REDUNDANCY: f64 = 0.25;
+pub const DEFAULT_REDUNDANCY: f64 = 0.5;
 
 /// Default most data shards per code group; see [`FecConfig::set_max_data_shards`].
 pub const DEFAULT_MAX_DATA_SHARDS: usize = 32;
@@ -70,7 +70,13 @@ impl FecConfig {
         Ok(self)
     }
 
-    /// Parity shards per data shard (default 0.25, any finite value >= 0).
+    /// Parity shards per data shard encoded for every block (default 0.5, any
+    /// finite value >= 0).
+    ///
+    /// This is the most parity any viewer can get: with the server's default
+    /// [`Parity::Adaptive`](crate::Parity::Adaptive) each viewer is sent only
+    /// the share its measured loss needs. Encoding costs grow with it (parity is
+    /// computed once per block, not per viewer).
     ///
     /// A group of `k` data shards gets `m = max(1, ceil(k × ratio))` parity
     /// shards, capped so that `k + m <= 256`, and survives the loss of any `m`
@@ -211,13 +217,14 @@ mod tests {
         let c = FecConfig::default();
         // quinn's max_datagram_size() before MTU discovery.
         assert!(c.shard_size() + crate::wire::MAX_HEADER_LEN <= 1162);
-        assert_eq!(c.parity_shards(32), 8);
+        assert_eq!(c.parity_shards(32), 16);
         assert_eq!(c.max_block_len(), 255 * 32 * 1100);
     }
 
     #[test]
     fn parity_rule() {
         let mut c = FecConfig::default();
+        c.set_redundancy(0.25).unwrap();
         assert_eq!(c.parity_shards(1), 1); // max(1, ..)
         assert_eq!(c.parity_shards(4), 1);
         assert_eq!(c.parity_shards(5), 2); // ceil(1.25)

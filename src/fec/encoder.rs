@@ -337,7 +337,10 @@ mod tests {
             assert_eq!(&data[..len], &block[..], "{ctx}");
             assert!(data[len..].iter().all(|&b| b == 0), "{ctx}: padding");
             assert_eq!(data.len(), total * even, "{ctx}");
-            assert!(data.len() - len < total, "{ctx}: under one byte of padding per shard");
+            assert!(
+                data.len() - len < total,
+                "{ctx}: under one byte of padding per shard"
+            );
         }
     }
 

@@ -17,11 +17,13 @@ use tokio::sync::{broadcast, watch};
 use tracing::{debug, info, trace, warn};
 
 use super::{
+    analytics::{pipeline, Feedback, Pipeline},
     control::{self, FrameError, FrameReader},
     tls,
 };
 use crate::{
-    config::{Parity, ServerConfig},
+    analytics::{Aggregator, Input, InputKind, Metric, MetricKind, Snapshot, Validator},
+    config::ServerConfig,
     fec::{EncodedBlock, Encoder},
     session::TokenBucket,
     wire::{self, ControlMessage, Flags, MAX_STRING_LEN},
@@ -49,6 +51,7 @@ struct Counters {
     control_errors: AtomicU64,
     datagrams_from_viewers: AtomicU64,
     reports: AtomicU64,
+    reports_rejected: AtomicU64,
 }
 
 /// A snapshot of the server's counters.
@@ -86,6 +89,16 @@ pub struct ServerStats {
     pub datagrams_from_viewers: u64,
     /// Reports received.
     pub reports: u64,
+    /// Reports the validator refused (counters going backwards, ...).
+    pub reports_rejected: u64,
+    /// Analytics events accepted into the queue.
+    pub events_accepted: u64,
+    /// Analytics events dropped because the queue was full or closed.
+    pub events_dropped: u64,
+    /// Analytics events applied by the aggregator.
+    pub events_applied: u64,
+    /// Lines written to the event log.
+    pub events_logged: u64,
 }
 
 #[derive(Clone)]
@@ -102,13 +115,19 @@ struct StreamEntry {
     viewers: Arc<AtomicUsize>,
 }
 
+type Task = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
 struct Shared {
     config: ServerConfig,
     streams: Mutex<HashMap<String, StreamEntry>>,
     next_stream_id: AtomicU32,
+    next_viewer: AtomicU64,
     counters: Counters,
     connections: AtomicUsize,
     shutdown: watch::Sender<bool>,
+    analytics: Pipeline,
+    /// The analytics task, until `run` takes it to drive it.
+    analytics_task: Mutex<Option<Task>>,
 }
 
 /// A quicast server: publish streams into it, run it, viewers connect.
@@ -176,15 +195,28 @@ impl Server {
         )
         .map_err(ServerError::Bind)?;
         let (shutdown, _) = watch::channel(false);
+        // A viewer can only be sent parity that was encoded.
+        let mut policy = config.policy.clone();
+        policy.max_ratio(config.fec.redundancy());
+        let mut analytics = config.analytics.clone();
+        analytics.policy(policy);
+        let (analytics, task) = pipeline(
+            Aggregator::new(analytics),
+            config.analytics_queue,
+            config.event_log.clone(),
+        );
         Ok(Server {
             endpoint,
             shared: Arc::new(Shared {
                 config,
                 streams: Mutex::new(HashMap::new()),
                 next_stream_id: AtomicU32::new(1),
+                next_viewer: AtomicU64::new(1),
                 counters: Counters::default(),
                 connections: AtomicUsize::new(0),
                 shutdown,
+                analytics,
+                analytics_task: Mutex::new(Some(Box::pin(task))),
             }),
         })
     }
@@ -240,6 +272,11 @@ impl Server {
         })
     }
 
+    /// Resolves when [`shutdown`](Self::shutdown) has been called.
+    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shared.shutdown.subscribe()
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> ServerStats {
         let c = &self.shared.counters;
@@ -259,7 +296,120 @@ impl Server {
             control_errors: c.control_errors.load(Relaxed),
             datagrams_from_viewers: c.datagrams_from_viewers.load(Relaxed),
             reports: c.reports.load(Relaxed),
+            reports_rejected: c.reports_rejected.load(Relaxed),
+            events_accepted: self.shared.analytics.accepted.load(Relaxed),
+            events_dropped: self.shared.analytics.dropped.load(Relaxed),
+            events_applied: self.lock_aggregator().applied(),
+            events_logged: self.shared.analytics.logged.load(Relaxed),
         }
+    }
+
+    fn lock_aggregator(&self) -> std::sync::MutexGuard<'_, Aggregator> {
+        self.shared
+            .analytics
+            .aggregator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The live analytics: per stream and overall viewers, watch and join
+    /// time, loss before and after FEC, stalls, latency, QoE, chosen parity, in
+    /// totals and 10 s / 60 s windows.
+    pub fn analytics(&self) -> Snapshot {
+        self.lock_aggregator().snapshot(Instant::now())
+    }
+
+    /// Prometheus text exposition of [`analytics`](Self::analytics) and
+    /// [`stats`](Self::stats), served as
+    /// [`CONTENT_TYPE`](crate::analytics::CONTENT_TYPE).
+    pub fn metrics_text(&self) -> String {
+        let stats = self.stats();
+        let snapshot = self.analytics();
+        let counter = |name: &str, help: &str, value: u64| Metric {
+            name: name.into(),
+            help: help.into(),
+            kind: MetricKind::Counter,
+            value: value as f64,
+            labels: Vec::new(),
+        };
+        let extra = [
+            counter(
+                "quicast_connections_accepted_total",
+                "QUIC connections that completed the handshake.",
+                stats.connections_accepted,
+            ),
+            counter(
+                "quicast_connections_refused_total",
+                "Connections refused at the connection limit.",
+                stats.connections_refused,
+            ),
+            counter(
+                "quicast_viewers_rejected_total",
+                "Hellos answered with Reject.",
+                stats.viewers_rejected,
+            ),
+            counter(
+                "quicast_blocks_published_total",
+                "Blocks published over all streams.",
+                stats.blocks_published,
+            ),
+            counter(
+                "quicast_media_bytes_total",
+                "Media bytes published.",
+                stats.media_bytes,
+            ),
+            counter(
+                "quicast_datagrams_sent_total",
+                "Datagrams handed to QUIC, all viewers.",
+                stats.datagrams_sent,
+            ),
+            counter(
+                "quicast_datagrams_dropped_total",
+                "Datagrams dropped at the sender (send buffer full).",
+                stats.datagrams_dropped,
+            ),
+            counter(
+                "quicast_datagrams_too_large_total",
+                "Datagrams above the path's maximum datagram size.",
+                stats.datagrams_too_large,
+            ),
+            counter(
+                "quicast_datagram_bytes_sent_total",
+                "Datagram bytes handed to QUIC.",
+                stats.bytes_sent,
+            ),
+            counter(
+                "quicast_blocks_skipped_total",
+                "Blocks skipped for viewers that fell behind.",
+                stats.blocks_skipped,
+            ),
+            counter(
+                "quicast_control_errors_total",
+                "Connections closed for bad control input.",
+                stats.control_errors,
+            ),
+            counter(
+                "quicast_datagrams_from_viewers_total",
+                "Datagrams viewers sent (dropped).",
+                stats.datagrams_from_viewers,
+            ),
+            counter(
+                "quicast_reports_rejected_total",
+                "Viewer reports refused by validation.",
+                stats.reports_rejected,
+            ),
+            counter(
+                "quicast_events_accepted_total",
+                "Analytics events accepted.",
+                stats.events_accepted,
+            ),
+            counter(
+                "quicast_events_dropped_total",
+                "Analytics events dropped (queue full).",
+                stats.events_dropped,
+            ),
+        ];
+        crate::analytics::render(&snapshot, &extra)
     }
 
     /// Accepts and serves connections until [`shutdown`](Self::shutdown).
@@ -272,6 +422,15 @@ impl Server {
         let shared = self.shared.clone();
         async move {
             let mut tasks = tokio::task::JoinSet::new();
+            let mut aux = tokio::task::JoinSet::new();
+            let analytics = shared
+                .analytics_task
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(task) = analytics {
+                aux.spawn(task);
+            }
             let mut shutdown = shared.shutdown.subscribe();
             loop {
                 tokio::select! {
@@ -303,11 +462,15 @@ impl Server {
             })
             .await;
             tasks.abort_all();
+            // Their Leave events are queued by now: apply them and flush the log.
+            shared.analytics.close(Duration::from_secs(2)).await;
+            aux.abort_all();
         }
     }
 
-    /// Says Goodbye to every viewer, stops accepting, and waits (at most
-    /// `grace`) for connections to close.
+    /// Says Goodbye to every viewer, stops accepting, waits (at most `grace`)
+    /// for connections to close, then applies every accepted analytics event and
+    /// flushes the event log.
     ///
     /// # Cancel safety
     ///
@@ -321,6 +484,8 @@ impl Server {
             }
         })
         .await;
+        // Every accepted event is applied and logged before this returns.
+        self.shared.analytics.close(grace).await;
         self.endpoint
             .close(CloseCode::Shutdown.varint(), b"server shutting down");
         let _ = tokio::time::timeout(grace, self.endpoint.wait_idle()).await;
@@ -585,13 +750,62 @@ async fn serve(shared: &Shared, incoming: quinn::Incoming) -> Result<(), ConnEnd
     )
     .await?;
     info!(remote = %conn.remote_address(), stream, agent, "viewer joined");
+    let viewer = shared.next_viewer.fetch_add(1, Relaxed);
+    let (feedback_tx, feedback) = watch::channel(Feedback::default());
+    let event = |kind| Input {
+        viewer,
+        stream: stream.clone(),
+        kind,
+    };
+    shared
+        .analytics
+        .send(event(InputKind::Join { agent }), Some(feedback_tx))
+        .await;
     viewers.fetch_add(1, Relaxed);
     shared.counters.viewers.fetch_add(1, Relaxed);
-    let result = pump(shared, &conn, &mut send, &mut reader, &mut rx).await;
+    let mut viewer = Viewer {
+        id: viewer,
+        stream: stream.clone(),
+        feedback,
+        validator: Validator::new(),
+        sent_shards: 0,
+    };
+    let result = pump(shared, &conn, &mut send, &mut reader, &mut rx, &mut viewer).await;
     viewers.fetch_sub(1, Relaxed);
     shared.counters.viewers.fetch_sub(1, Relaxed);
+    let reason = match &result {
+        Err(ConnEnd::Closed { code, .. }) => code.name().to_string(),
+        Err(ConnEnd::Handshake(e)) => format!("connection: {e}"),
+        Err(ConnEnd::Write(e)) => format!("write: {e}"),
+        Ok(()) => "closed".into(),
+    };
+    shared
+        .analytics
+        .send(event(InputKind::Leave { reason }), None)
+        .await;
     info!(remote = %conn.remote_address(), stream, "viewer left");
     result
+}
+
+/// Per-viewer state of the pump.
+struct Viewer {
+    id: u64,
+    stream: String,
+    feedback: watch::Receiver<Feedback>,
+    validator: Validator,
+    /// Datagrams sent to this viewer since it joined; with its reports'
+    /// `shards_received`, the loss before FEC.
+    sent_shards: u64,
+}
+
+impl Viewer {
+    fn input(&self, kind: InputKind) -> Input {
+        Input {
+            viewer: self.id,
+            stream: self.stream.clone(),
+            kind,
+        }
+    }
 }
 
 fn frame_error(shared: &Shared, conn: &quinn::Connection, e: FrameError) -> ConnEnd {
@@ -604,17 +818,24 @@ fn frame_error(shared: &Shared, conn: &quinn::Connection, e: FrameError) -> Conn
     }
 }
 
-/// Sends one block's shards to one viewer: all data, and the parity `parity` allows.
-fn send_block(shared: &Shared, conn: &quinn::Connection, block: &EncodedBlock, parity: Parity) {
+/// Sends one block's shards to one viewer: all data, and `parity` parity
+/// shards per group. Returns the datagrams handed to quinn.
+fn send_block(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    block: &EncodedBlock,
+    parity: usize,
+) -> u64 {
     let c = &shared.counters;
-    let m = block.groups().map(|(_, m, _)| m).max().unwrap_or(0);
-    for dg in block.datagrams_with_parity(parity.for_group(m)) {
+    let mut sent = 0;
+    for dg in block.datagrams_with_parity(parity) {
         // quinn drops the oldest queued datagram to make room; count it.
         if conn.datagram_send_buffer_space() < dg.len() {
             c.datagrams_dropped.fetch_add(1, Relaxed);
         }
         match conn.send_datagram(dg.clone()) {
             Ok(()) => {
+                sent += 1;
                 c.datagrams_sent.fetch_add(1, Relaxed);
                 c.bytes_sent.fetch_add(dg.len() as u64, Relaxed);
             }
@@ -624,10 +845,11 @@ fn send_block(shared: &Shared, conn: &quinn::Connection, block: &EncodedBlock, p
             }
             Err(e) => {
                 trace!(error = %e, "send_datagram failed");
-                return;
+                break;
             }
         }
     }
+    sent
 }
 
 async fn pump(
@@ -636,10 +858,11 @@ async fn pump(
     send: &mut quinn::SendStream,
     reader: &mut FrameReader,
     rx: &mut broadcast::Receiver<Item>,
+    viewer: &mut Viewer,
 ) -> Result<(), ConnEnd> {
     let mut shutdown = shared.shutdown.subscribe();
     let mut limiter = TokenBucket::new(shared.config.control_rate, shared.config.control_rate * 2);
-    let parity = shared.config.parity;
+    let policy = shared.config.parity;
     let mut linger: Option<tokio::time::Instant> = None;
     loop {
         let linger_sleep = async {
@@ -652,7 +875,11 @@ async fn pump(
             item = rx.recv(), if linger.is_none() => match item {
                 Ok(Item::Block(block)) => {
                     trace!(target: "quicast::cc", seq = block.seq(), path = ?conn.stats().path, space = conn.datagram_send_buffer_space(), "block");
-                    send_block(shared, conn, &block, parity)
+                    // Groups differ by at most one data shard: the first (largest) decides.
+                    let (k, m) = block.groups().next().map_or((1, 0), |(k, m, _)| (k, m));
+                    let adaptive = viewer.feedback.borrow().parity.as_ref().map(|t| t.parity(k));
+                    let parity = policy.for_group(m, adaptive);
+                    viewer.sent_shards += send_block(shared, conn, &block, parity);
                 }
                 Ok(Item::End { last_seq }) => {
                     control::write(send, &ControlMessage::EndOfStream { last_seq }).await?;
@@ -677,10 +904,22 @@ async fn pump(
                     return Err(close(conn, CloseCode::RateLimited, "control message rate exceeded"));
                 }
                 match msg {
-                    ControlMessage::Report(_) => {
+                    ControlMessage::Report(report) => {
                         shared.counters.reports.fetch_add(1, Relaxed);
+                        match viewer.validator.check(&report, viewer.sent_shards) {
+                            Ok(report) => shared.analytics.offer(viewer.input(InputKind::Report {
+                                report,
+                                sent_shards: viewer.sent_shards,
+                            })),
+                            Err(e) => {
+                                shared.counters.reports_rejected.fetch_add(1, Relaxed);
+                                debug!(error = %e, "report rejected");
+                            }
+                        }
                     }
-                    ControlMessage::Stall | ControlMessage::Resume | ControlMessage::Event(_) => {}
+                    ControlMessage::Stall => shared.analytics.offer(viewer.input(InputKind::Stall)),
+                    ControlMessage::Resume => shared.analytics.offer(viewer.input(InputKind::Resume)),
+                    ControlMessage::Event(e) => shared.analytics.offer(viewer.input(InputKind::App(e))),
                     ControlMessage::Leave => return Err(close(conn, CloseCode::Normal, "viewer left")),
                     other => {
                         shared.counters.control_errors.fetch_add(1, Relaxed);
@@ -690,6 +929,12 @@ async fn pump(
                             format!("unexpected {} from viewer", other.name()),
                         ));
                     }
+                }
+            }
+            Ok(()) = viewer.feedback.changed() => {
+                let summary = viewer.feedback.borrow_and_update().summary;
+                if let Some(summary) = summary {
+                    control::write(send, &ControlMessage::Summary(summary)).await?;
                 }
             }
             dg = conn.read_datagram() => match dg {
