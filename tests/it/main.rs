@@ -1,5 +1,6 @@
 //! Integration tests: loopback only, every loop bounded in count and time.
 
+mod analytics;
 mod examples;
 mod transport;
 mod util;

@@ -1,0 +1,250 @@
+//! Viewer analytics on the server: metrics, the parity decision loop, the event log.
+
+use std::time::Duration;
+
+use quicast::{Event, Publisher};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::util::{block, collect, seed, TestServer};
+
+const BLOCK: usize = 188 * 112;
+
+/// Publishes paced blocks (about 8 Mbit/s) until `n` are sent, then ends.
+async fn publish(mut p: Publisher, n: u64) {
+    let mut tick = tokio::time::interval(Duration::from_millis(21));
+    for seq in 0..n {
+        tick.tick().await;
+        p.send(block(1, seq, BLOCK), seq % 50 == 0).unwrap();
+    }
+    p.finish();
+}
+
+async fn get_metrics(addr: std::net::SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// `promtool check metrics` on `text`; None when promtool is not installed
+/// (CI installs it, and there its absence fails the test).
+fn promtool(text: &str) -> Option<String> {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(_) if std::env::var_os("CI").is_none() => {
+            eprintln!("promtool not installed: format check skipped (apt-get install prometheus)");
+            return None;
+        }
+        Err(e) => panic!("promtool is required in CI: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "promtool failed: {out:?}");
+    Some(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+async fn wait_for_metric(addr: std::net::SocketAddr, line: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = get_metrics(addr).await;
+        if body.lines().any(|l| l == line) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no line {line:?} in:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_viewer_and_pass_promtool() {
+    let srv = TestServer::start(|c| {
+        c.report_interval(Duration::from_millis(100));
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let metrics = tokio::spawn(quicast::net::serve_metrics(listener, srv.server.clone()));
+    let publisher = srv.server.publish("live", None).unwrap();
+    let pub_task = tokio::spawn(publish(publisher, 100));
+
+    let mut viewer = srv.viewer(srv.client_config("live"), 0.0, 0).await.unwrap();
+    // Watch for a while, so reports flow.
+    for _ in 0..20 {
+        match viewer.next().await {
+            Some(Ok(Event::Block { .. })) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let body = wait_for_metric(addr, r#"quicast_viewers{stream="live"} 1"#).await;
+    if let Some(problems) = promtool(&body) {
+        assert_eq!(problems.trim(), "", "promtool: {problems}\n{body}");
+    }
+    assert!(body.contains("quicast_datagrams_sent_total"), "{body}");
+    viewer.close();
+    drop(viewer);
+    let body = wait_for_metric(addr, r#"quicast_viewers{stream="live"} 0"#).await;
+    if let Some(problems) = promtool(&body) {
+        assert_eq!(problems.trim(), "", "promtool: {problems}");
+    }
+    // Anything but GET /metrics is refused.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /other HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    pub_task.abort();
+    metrics.abort();
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossier_viewer_gets_more_parity_and_both_stay_on_time() {
+    let seed = seed();
+    let srv = TestServer::start(|c| {
+        c.report_interval(Duration::from_millis(200));
+    });
+    let publisher = srv.server.publish("live", None).unwrap();
+    let mut config = srv.client_config("live");
+    config.latency(Duration::from_millis(150));
+    let low = srv.viewer(config.clone(), 0.01, seed).await.unwrap();
+    let high = srv.viewer(config, 0.10, seed ^ 1).await.unwrap();
+    let n = 480; // about 10 s
+    let pub_task = tokio::spawn(publish(publisher, n));
+    let (low, high) = tokio::join!(
+        tokio::spawn(async move {
+            let mut low = low;
+            // Read the summary while still connected: after the end the
+            // server forgets the viewer.
+            let mut parity = None;
+            let r = tokio::time::timeout(Duration::from_secs(30), async {
+                let mut blocks = 0u64;
+                while let Some(Ok(ev)) = low.next().await {
+                    match ev {
+                        Event::Block { .. } => blocks += 1,
+                        Event::End => break,
+                        _ => {}
+                    }
+                    parity = low.summary().map(|s| s.parity).or(parity);
+                }
+                blocks
+            })
+            .await;
+            (r, parity, low.stats())
+        }),
+        tokio::spawn(async move {
+            let mut high = high;
+            let mut parity = None;
+            let r = tokio::time::timeout(Duration::from_secs(30), async {
+                let mut blocks = 0u64;
+                while let Some(Ok(ev)) = high.next().await {
+                    match ev {
+                        Event::Block { .. } => blocks += 1,
+                        Event::End => break,
+                        _ => {}
+                    }
+                    parity = high.summary().map(|s| s.parity).or(parity);
+                }
+                blocks
+            })
+            .await;
+            (r, parity, high.stats())
+        })
+    );
+    pub_task.await.unwrap();
+    let (low_blocks, low_parity, low_stats) = low.unwrap();
+    let (high_blocks, high_parity, high_stats) = high.unwrap();
+    let (low_parity, high_parity) = (low_parity.unwrap(), high_parity.unwrap());
+    println!("parity at 1%: {low_parity}, at 10%: {high_parity}");
+    println!("1%: {low_stats:?}\n10%: {high_stats:?}");
+    assert!(
+        high_parity > low_parity,
+        "seed {seed}: 10% loss got {high_parity} parity, 1% got {low_parity}"
+    );
+    for (name, blocks, stats) in [
+        ("1%", low_blocks, &low_stats),
+        ("10%", high_blocks, &high_stats),
+    ] {
+        let blocks = blocks.unwrap_or(0);
+        assert!(
+            blocks as f64 >= 0.995 * n as f64,
+            "seed {seed}: viewer at {name} got {blocks} of {n} blocks on time ({stats:?})"
+        );
+    }
+    assert!(
+        high_stats.blocks_recovered > low_stats.blocks_recovered,
+        "seed {seed}"
+    );
+    // The snapshot shows the choice too.
+    let snap = srv.server.analytics();
+    assert!(snap.overall.joins >= 2, "{snap:?}");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_applies_and_logs_every_accepted_event() {
+    let log = std::env::temp_dir().join(format!("quicast-events-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let path = log.clone();
+    let srv = TestServer::start(move |c| {
+        c.report_interval(Duration::from_millis(50))
+            .event_log(Some(path));
+    });
+    let publisher = srv.server.publish("live", None).unwrap();
+    let pub_task = tokio::spawn(publish(publisher, 1_000));
+    let mut viewers = Vec::new();
+    for _ in 0..3 {
+        viewers.push(srv.viewer(srv.client_config("live"), 0.0, 0).await.unwrap());
+    }
+    for v in &viewers {
+        assert!(v.send_event("quality", "720p"));
+    }
+    let watching: Vec<_> = viewers
+        .into_iter()
+        .map(|v| tokio::spawn(collect(v, Duration::from_millis(1500))))
+        .collect();
+    // Shut down while the viewers are still watching and reporting.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    srv.server.shutdown(Duration::from_secs(3)).await;
+    let stats = srv.server.stats();
+    for w in watching {
+        let _ = w.await;
+    }
+    pub_task.abort();
+    let lines = std::fs::read_to_string(&log).unwrap().lines().count() as u64;
+    println!("{stats:?}");
+    assert!(
+        stats.events_accepted >= 3 * 10,
+        "too few events to mean anything: {stats:?}"
+    );
+    assert_eq!(stats.events_accepted, stats.events_applied, "{stats:?}");
+    assert_eq!(stats.events_applied, lines, "{stats:?}");
+    assert_eq!(stats.events_logged, lines);
+    // Every viewer that joined also left.
+    let snap = srv.server.analytics();
+    assert_eq!(snap.overall.joins, 3);
+    assert_eq!(snap.overall.viewers, 0, "{snap:?}");
+    let _ = std::fs::remove_file(&log);
+    srv.stop().await;
+}
