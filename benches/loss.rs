@@ -151,6 +151,13 @@ struct Row {
     sender_dropped: u64,
 }
 
+/// Progress markers, with `LOSS_BENCH_DEBUG` set.
+fn stage(what: &str) {
+    if std::env::var_os("LOSS_BENCH_DEBUG").is_some() {
+        eprintln!("  [{what}]");
+    }
+}
+
 /// When each block was handed to the sender, by sequence number.
 type Published = Arc<Mutex<Vec<Instant>>>;
 
@@ -291,6 +298,7 @@ async fn run_quicast(opts: &Opts, model: Model, loss: f64, mode: Dgram) -> anyho
     let mut cc = ClientConfig::new(addr, "bench");
     cc.add_root(cert).latency(opts.budget()).congestion(opts.cc);
     let mut viewer = Client::connect_with(&endpoint, cc).await?;
+    stage("connected");
 
     let (n, interval) = blocks(opts);
     let published: Published = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
@@ -322,7 +330,9 @@ async fn run_quicast(opts: &Opts, model: Model, loss: f64, mode: Dgram) -> anyho
         }
     })
     .await;
+    stage("viewed");
     publishing.await??;
+    stage("published");
     let sstats = server.stats();
     if std::env::var("LOSS_BENCH_DEBUG").is_ok() {
         let v = viewer.stats();
@@ -336,6 +346,7 @@ async fn run_quicast(opts: &Opts, model: Model, loss: f64, mode: Dgram) -> anyho
     }
     viewer.close();
     server.shutdown(Duration::from_millis(200)).await;
+    stage("shut down");
     driver.abort();
     Ok(row(
         opts,
@@ -870,14 +881,25 @@ fn main() -> anyhow::Result<()> {
     for (model, loss) in runs {
         for mode in &opts.modes {
             let started = Instant::now();
+            // Every run is bounded: a stuck run is reported, not waited on.
+            let limit = Duration::from_secs_f64(opts.seconds) + Duration::from_secs(30);
             let r = rt.block_on(async {
-                match mode.as_str() {
-                    "fec" => run_quicast(&opts, model, loss, Dgram::Adaptive).await,
-                    "fec-fixed" => run_quicast(&opts, model, loss, Dgram::Fixed).await,
-                    "datagram" => run_quicast(&opts, model, loss, Dgram::Plain).await,
-                    "stream" => run_stream(&opts, model, loss).await,
-                    other => anyhow::bail!("unknown mode {other}"),
-                }
+                tokio::time::timeout(limit, async {
+                    match mode.as_str() {
+                        "fec" => run_quicast(&opts, model, loss, Dgram::Adaptive).await,
+                        "fec-fixed" => run_quicast(&opts, model, loss, Dgram::Fixed).await,
+                        "datagram" => run_quicast(&opts, model, loss, Dgram::Plain).await,
+                        "stream" => run_stream(&opts, model, loss).await,
+                        other => anyhow::bail!("unknown mode {other}"),
+                    }
+                })
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "{mode} {} {loss}: run did not finish in {limit:?}",
+                        model.name()
+                    )
+                })?
             })?;
             eprintln!(
                 "{:>8} {:>6} {:>5.1}%: on time {:>7.3}%  p99 {:>7.1} ms  overhead {:>5.1}%  ({:.1} s)",

@@ -371,7 +371,11 @@ pub struct ClientConfig {
     pub(crate) keep_alive: Duration,
     pub(crate) handshake_timeout: Duration,
     pub(crate) datagram_receive_buffer: usize,
+    pub(crate) reconnect: Option<Duration>,
 }
+
+/// Default time a viewer keeps trying to reconnect after losing its connection.
+pub const DEFAULT_RECONNECT: Duration = Duration::from_secs(30);
 
 impl ClientConfig {
     /// Watch `stream` at `server`; the server certificate must chain to one of
@@ -392,7 +396,22 @@ impl ClientConfig {
             keep_alive: DEFAULT_KEEP_ALIVE,
             handshake_timeout: Duration::from_secs(5),
             datagram_receive_buffer: 4 << 20,
+            reconnect: Some(DEFAULT_RECONNECT),
         }
+    }
+
+    /// How long to keep reconnecting after the connection drops (server
+    /// restart, idle timeout, network outage). Default [`DEFAULT_RECONNECT`];
+    /// `None` reports the failure at once.
+    ///
+    /// Attempts back off from 100 ms, doubling, to 2 s. A reconnected viewer
+    /// resumes at the live edge: blocks it was still waiting for are counted
+    /// lost, and [`Event::Reconnected`](crate::Event::Reconnected) marks the
+    /// gap. Rejections (wrong token, unknown stream) are never retried, nor is
+    /// a failure of the first connection.
+    pub fn reconnect(&mut self, window: Option<Duration>) -> &mut Self {
+        self.reconnect = window;
+        self
     }
 
     /// Name the server certificate must be valid for. Default `localhost`.

@@ -23,6 +23,11 @@ use crate::{
     ClientError, CloseCode,
 };
 
+/// First wait before a reconnect attempt; doubled after each failure.
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between reconnect attempts.
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
 /// Connects viewers to a quicast server.
 #[derive(Debug, Clone, Copy)]
 pub struct Client;
@@ -90,88 +95,123 @@ impl Client {
         config: ClientConfig,
     ) -> Result<Subscription, ClientError> {
         let started = Instant::now();
-        let crypto = tls::client_crypto(&config.roots)?;
-        let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
-        client_config.transport_config(tls::transport(
-            config.congestion,
-            crate::config::DEFAULT_MIN_WINDOW,
-            config.idle_timeout,
-            config.keep_alive,
-            Some(config.datagram_receive_buffer),
-            64 * 1024,
-        ));
-        let conn = endpoint
-            .connect_with(client_config, config.server, &config.server_name)?
-            .await
-            .map_err(map_close)?;
-        let (mut send, recv) = conn.open_bi().await.map_err(map_close)?;
-        let hello = ControlMessage::Hello {
-            version: wire::VERSION,
-            stream: config.stream.clone(),
-            token: config.token.clone(),
-            agent: config.agent.clone(),
-        };
-        if let Err(e) = control::write(&mut send, &hello).await {
-            return Err(write_error(&conn, e));
-        }
-        let mut reader = FrameReader::new(recv, wire::MAX_CONTROL_FRAME);
-        let msg = match reader.next().await {
-            Ok(Some(msg)) => msg,
-            Ok(None) => return Err(closed(&conn, "server closed the control stream")),
-            Err(FrameError::Read(_)) => {
-                return Err(closed(&conn, "server closed the control stream"))
-            }
-            Err(e) => return Err(ClientError::Protocol(e.to_string())),
-        };
-        let (stream_id, clock_us, report_interval_ms) = match msg {
-            ControlMessage::Welcome {
-                stream_id,
-                clock_us,
-                report_interval_ms,
-            } => (stream_id, clock_us, report_interval_ms),
-            ControlMessage::Reject { code, reason } => {
-                return Err(ClientError::from_code(code, reason, true))
-            }
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "expected welcome, got {}",
-                    other.name()
-                )))
-            }
-        };
-        let now = Instant::now();
-        let mut rc = ReceiverConfig::new(stream_id, config.latency);
+        let link = open(endpoint, &config).await?;
+        let mut rc = ReceiverConfig::new(link.stream_id, config.latency);
         rc.decoder(config.decoder.clone());
         let mut receiver = Receiver::new(rc);
         receiver.start(started);
-        // Welcome left the server half an RTT ago.
-        let half_rtt = conn.rtt() / 2;
-        receiver.set_clock(clock_us + half_rtt.as_micros() as u64, now);
-        debug!(stream_id, rtt = ?conn.rtt(), "welcome");
+        receiver.set_clock(link.sender_clock_us, link.at);
         let shared = Arc::new(Mutex::new(Status {
             receiver,
             summary: None,
+            conn: link.conn.clone(),
+            closed: false,
         }));
         let (app_tx, app_rx) = mpsc::channel(64);
-        let report_interval = Duration::from_millis(report_interval_ms.clamp(50, 60_000));
         let session = Session {
-            conn: conn.clone(),
-            send,
-            reader,
+            next_report: tokio::time::Instant::now() + link.report_interval,
+            link,
+            endpoint: endpoint.clone(),
+            config,
             shared: shared.clone(),
             app_rx,
-            report_interval,
-            next_report: tokio::time::Instant::now() + report_interval,
+            pending: None,
             done: false,
             left: false,
         };
         let events = Box::pin(futures_unfold(session));
         Ok(Subscription {
-            conn,
             events,
             shared,
             app_tx,
         })
+    }
+}
+
+/// One connection to the server, past Welcome.
+struct Link {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    reader: FrameReader,
+    stream_id: u32,
+    /// The sender's stream clock at `at`, estimated from Welcome and the RTT.
+    sender_clock_us: u64,
+    at: Instant,
+    report_interval: Duration,
+}
+
+/// QUIC handshake, Hello, Welcome.
+async fn open(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<Link, ClientError> {
+    let crypto = tls::client_crypto(&config.roots)?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
+    client_config.transport_config(tls::transport(
+        config.congestion,
+        crate::config::DEFAULT_MIN_WINDOW,
+        config.idle_timeout,
+        config.keep_alive,
+        Some(config.datagram_receive_buffer),
+        64 * 1024,
+    ));
+    let conn = endpoint
+        .connect_with(client_config, config.server, &config.server_name)?
+        .await
+        .map_err(map_close)?;
+    let (mut send, recv) = conn.open_bi().await.map_err(map_close)?;
+    let hello = ControlMessage::Hello {
+        version: wire::VERSION,
+        stream: config.stream.clone(),
+        token: config.token.clone(),
+        agent: config.agent.clone(),
+    };
+    if let Err(e) = control::write(&mut send, &hello).await {
+        return Err(write_error(&conn, e));
+    }
+    let mut reader = FrameReader::new(recv, wire::MAX_CONTROL_FRAME);
+    let msg = match reader.next().await {
+        Ok(Some(msg)) => msg,
+        Ok(None) | Err(FrameError::Read(_)) => {
+            return Err(closed(&conn, "server closed the control stream"))
+        }
+        Err(e) => return Err(ClientError::Protocol(e.to_string())),
+    };
+    let (stream_id, clock_us, report_interval_ms) = match msg {
+        ControlMessage::Welcome {
+            stream_id,
+            clock_us,
+            report_interval_ms,
+        } => (stream_id, clock_us, report_interval_ms),
+        ControlMessage::Reject { code, reason } => {
+            return Err(ClientError::from_code(code, reason, true))
+        }
+        other => {
+            return Err(ClientError::Protocol(format!(
+                "expected welcome, got {}",
+                other.name()
+            )))
+        }
+    };
+    debug!(stream_id, rtt = ?conn.rtt(), "welcome");
+    // Welcome left the server half an RTT ago.
+    let half_rtt = conn.rtt() / 2;
+    Ok(Link {
+        conn,
+        send,
+        reader,
+        stream_id,
+        sender_clock_us: clock_us + half_rtt.as_micros() as u64,
+        at: Instant::now(),
+        report_interval: Duration::from_millis(report_interval_ms.clamp(50, 60_000)),
+    })
+}
+
+/// Whether a failed connection is worth reconnecting: transport failures and
+/// a server going away, not rejections, protocol errors or our own close.
+fn retryable(e: &ClientError) -> bool {
+    match e {
+        ClientError::Connection(quinn::ConnectionError::LocallyClosed) => false,
+        ClientError::Connection(_) | ClientError::Stream(_) | ClientError::Timeout => true,
+        ClientError::Goodbye { code, .. } => *code == CloseCode::Shutdown,
+        _ => false,
     }
 }
 
@@ -216,6 +256,10 @@ fn write_error(conn: &quinn::Connection, e: quinn::WriteError) -> ClientError {
 struct Status {
     receiver: Receiver,
     summary: Option<Summary>,
+    /// The current connection; replaced on reconnect.
+    conn: quinn::Connection,
+    /// The app closed the subscription: do not reconnect.
+    closed: bool,
 }
 
 /// A viewer's subscription: a `Stream` of [`Event`]s in sequence order.
@@ -226,7 +270,6 @@ struct Status {
 /// keeps the connection alive and buffers, then drops, datagrams). Dropping
 /// the subscription closes the connection.
 pub struct Subscription {
-    conn: quinn::Connection,
     events: Pin<Box<dyn Stream<Item = Result<Event, ClientError>> + Send>>,
     shared: Arc<Mutex<Status>>,
     app_tx: mpsc::Sender<ClientEvent>,
@@ -235,7 +278,7 @@ pub struct Subscription {
 impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Subscription")
-            .field("remote", &self.conn.remote_address())
+            .field("remote", &self.lock().conn.remote_address())
             .finish_non_exhaustive()
     }
 }
@@ -261,9 +304,10 @@ impl Subscription {
         self.lock().summary
     }
 
-    /// The QUIC connection (RTT, path statistics).
-    pub fn connection(&self) -> &quinn::Connection {
-        &self.conn
+    /// The current QUIC connection (RTT, path statistics); a new one after a
+    /// reconnect.
+    pub fn connection(&self) -> quinn::Connection {
+        self.lock().conn.clone()
     }
 
     /// Queues an application event (pause, quality switch, ...) for the server.
@@ -278,9 +322,12 @@ impl Subscription {
             .is_ok()
     }
 
-    /// Closes the connection now, telling the server the viewer left.
+    /// Closes the connection now, telling the server the viewer left. No
+    /// reconnect follows.
     pub fn close(&self) {
-        self.conn.close(CloseCode::Normal.varint(), b"viewer left");
+        let mut st = self.lock();
+        st.closed = true;
+        st.conn.close(CloseCode::Normal.varint(), b"viewer left");
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Status> {
@@ -302,13 +349,14 @@ impl Drop for Subscription {
 }
 
 struct Session {
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    reader: FrameReader,
+    link: Link,
+    endpoint: quinn::Endpoint,
+    config: ClientConfig,
     shared: Arc<Mutex<Status>>,
     app_rx: mpsc::Receiver<ClientEvent>,
-    report_interval: Duration,
     next_report: tokio::time::Instant,
+    /// An event to return before anything else (after a reconnect).
+    pending: Option<Event>,
     done: bool,
     left: bool,
 }
@@ -358,74 +406,141 @@ impl Session {
     }
 
     async fn next_event(&mut self) -> Option<Result<Event, ClientError>> {
-        if self.done {
-            return None;
-        }
         loop {
-            let (event, timeout, stall) = {
-                let mut st = self.lock();
-                let stall = st.receiver.poll_stall();
-                (st.receiver.poll_event(), st.receiver.poll_timeout(), stall)
-            };
-            if let Some(stalled) = stall {
-                let msg = if stalled {
-                    ControlMessage::Stall
-                } else {
-                    ControlMessage::Resume
-                };
-                if let Err(e) = control::write(&mut self.send, &msg).await {
-                    return Some(Err(self.fail(write_error(&self.conn, e))));
-                }
-                continue;
+            if self.done {
+                return None;
             }
-            if let Some(event) = event {
-                if event == Event::End {
-                    self.leave().await;
-                    self.done = true;
-                }
+            if let Some(event) = self.pending.take() {
                 return Some(Ok(event));
             }
-            let timer = async {
-                match timeout {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
+            match self.step().await {
+                Ok(Some(event)) => {
+                    if event == Event::End {
+                        self.leave().await;
+                        self.done = true;
+                    }
+                    return Some(Ok(event));
                 }
-            };
-            tokio::select! {
-                dg = self.conn.read_datagram() => match dg {
-                    Ok(dg) => self.lock().receiver.handle_datagram(Instant::now(), dg),
-                    Err(e) => return Some(Err(self.fail(map_close(e)))),
-                },
-                msg = self.reader.next() => match msg {
-                    Ok(Some(msg)) => {
-                        if let Err(e) = self.handle_control(msg) {
-                            return Some(Err(self.fail(e)));
-                        }
-                    }
-                    Ok(None) | Err(FrameError::Read(_)) => {
-                        let e = closed(&self.conn, "server closed the control stream");
-                        return Some(Err(self.fail(e)));
-                    }
-                    Err(e) => {
-                        let e = ClientError::Protocol(e.to_string());
-                        self.conn.close(CloseCode::ProtocolViolation.varint(), b"bad control frame");
-                        return Some(Err(self.fail(e)));
-                    }
-                },
-                _ = timer => self.lock().receiver.handle_timeout(Instant::now()),
-                _ = tokio::time::sleep_until(self.next_report) => {
-                    self.next_report += self.report_interval;
-                    let report = self.lock().receiver.report(Instant::now());
-                    if let Err(e) = control::write(&mut self.send, &ControlMessage::Report(report)).await {
-                        return Some(Err(self.fail(write_error(&self.conn, e))));
-                    }
-                }
-                Some(ev) = self.app_rx.recv() => {
-                    if let Err(e) = control::write(&mut self.send, &ControlMessage::Event(ev)).await {
-                        return Some(Err(self.fail(write_error(&self.conn, e))));
+                Ok(None) => {}
+                Err(e) => {
+                    if let Err(e) = self.recover(e).await {
+                        self.done = true;
+                        return Some(Err(e));
                     }
                 }
             }
+        }
+    }
+
+    /// Does one unit of work: returns an event, nothing yet, or a failure of
+    /// the current connection.
+    async fn step(&mut self) -> Result<Option<Event>, ClientError> {
+        let (event, timeout, stall) = {
+            let mut st = self.lock();
+            let stall = st.receiver.poll_stall();
+            (st.receiver.poll_event(), st.receiver.poll_timeout(), stall)
+        };
+        if let Some(stalled) = stall {
+            let msg = if stalled {
+                ControlMessage::Stall
+            } else {
+                ControlMessage::Resume
+            };
+            self.write(&msg).await?;
+            return Ok(None);
+        }
+        if event.is_some() {
+            return Ok(event);
+        }
+        let timer = async {
+            match timeout {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let link = &mut self.link;
+        tokio::select! {
+            dg = link.conn.read_datagram() => {
+                let dg = dg.map_err(map_close)?;
+                self.lock().receiver.handle_datagram(Instant::now(), dg);
+            }
+            msg = link.reader.next() => match msg {
+                Ok(Some(msg)) => self.handle_control(msg)?,
+                Ok(None) | Err(FrameError::Read(_)) => {
+                    return Err(closed(&self.link.conn, "server closed the control stream"));
+                }
+                Err(e) => {
+                    self.link
+                        .conn
+                        .close(CloseCode::ProtocolViolation.varint(), b"bad control frame");
+                    return Err(ClientError::Protocol(e.to_string()));
+                }
+            },
+            _ = timer => self.lock().receiver.handle_timeout(Instant::now()),
+            _ = tokio::time::sleep_until(self.next_report) => {
+                self.next_report += self.link.report_interval;
+                let report = self.lock().receiver.report(Instant::now());
+                self.write(&ControlMessage::Report(report)).await?;
+            }
+            Some(ev) = self.app_rx.recv() => self.write(&ControlMessage::Event(ev)).await?,
+        }
+        Ok(None)
+    }
+
+    async fn write(&mut self, msg: &ControlMessage) -> Result<(), ClientError> {
+        control::write(&mut self.link.send, msg)
+            .await
+            .map_err(|e| write_error(&self.link.conn, e))
+    }
+
+    /// After the connection failed with `e`: reconnects with backoff when the
+    /// config allows and `e` is worth it, resuming at the live edge; else `e`.
+    async fn recover(&mut self, e: ClientError) -> Result<(), ClientError> {
+        let Some(window) = self.config.reconnect else {
+            return Err(e);
+        };
+        if !retryable(&e) || self.lock().closed {
+            return Err(e);
+        }
+        debug!(error = %e, "connection lost; reconnecting");
+        self.link
+            .conn
+            .close(CloseCode::Normal.varint(), b"reconnecting");
+        let give_up = Instant::now() + window;
+        let mut backoff = RECONNECT_BACKOFF_MIN;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            tokio::time::sleep(backoff).await;
+            if self.lock().closed {
+                return Err(e);
+            }
+            let attempt = tokio::time::timeout(
+                self.config.handshake_timeout,
+                open(&self.endpoint, &self.config),
+            )
+            .await
+            .unwrap_or(Err(ClientError::Timeout));
+            match attempt {
+                Ok(link) => {
+                    {
+                        let mut st = self.lock();
+                        st.conn = link.conn.clone();
+                        st.receiver
+                            .restart(link.stream_id, link.sender_clock_us, link.at);
+                    }
+                    self.next_report = tokio::time::Instant::now() + link.report_interval;
+                    self.link = link;
+                    self.pending = Some(Event::Reconnected { attempts });
+                    return Ok(());
+                }
+                Err(rejected @ ClientError::Rejected { .. }) => return Err(rejected),
+                Err(err) => debug!(attempts, error = %err, "reconnect failed"),
+            }
+            if Instant::now() + backoff >= give_up {
+                return Err(e);
+            }
+            backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
         }
     }
 
@@ -439,7 +554,8 @@ impl Session {
                 return Err(ClientError::from_code(code, reason, false));
             }
             other => {
-                self.conn
+                self.link
+                    .conn
                     .close(CloseCode::ProtocolViolation.varint(), b"unexpected message");
                 return Err(ClientError::Protocol(format!(
                     "unexpected {} from server",
@@ -450,21 +566,17 @@ impl Session {
         Ok(())
     }
 
-    fn fail(&mut self, e: ClientError) -> ClientError {
-        self.done = true;
-        e
-    }
-
     /// Tells the server we are done, with a final report, then closes.
     async fn leave(&mut self) {
         if std::mem::replace(&mut self.left, true) {
             return;
         }
         let report = self.lock().receiver.report(Instant::now());
+        let send = &mut self.link.send;
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            control::write(&mut self.send, &ControlMessage::Report(report)).await?;
-            control::write(&mut self.send, &ControlMessage::Leave).await?;
-            let _ = self.send.finish();
+            control::write(send, &ControlMessage::Report(report)).await?;
+            control::write(send, &ControlMessage::Leave).await?;
+            let _ = send.finish();
             Ok::<_, quinn::WriteError>(())
         })
         .await;

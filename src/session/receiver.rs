@@ -41,6 +41,13 @@ pub enum Event {
     },
     /// The stream ended; no events follow.
     End,
+    /// The connection was lost and a new one established after `attempts`
+    /// tries. Delivery resumes at the live edge: sequence numbers may jump or,
+    /// after a server restart, start again.
+    Reconnected {
+        /// Connection attempts it took.
+        attempts: u32,
+    },
 }
 
 /// Default gap in delivery after which a viewer counts as stalled.
@@ -151,6 +158,7 @@ pub struct Receiver {
     last_delivery: Option<Instant>,
     stall: Option<Instant>,
     stall_changes: VecDeque<bool>,
+    highest_seq: Option<u64>,
 }
 
 impl Receiver {
@@ -175,7 +183,30 @@ impl Receiver {
             last_delivery: None,
             stall: None,
             stall_changes: VecDeque::new(),
+            highest_seq: None,
         }
+    }
+
+    /// Starts over on a new connection (a reconnect): stream `stream_id`,
+    /// sender clock `sender_us` at `at`. Counters and stall state carry on;
+    /// blocks still undelivered from the old connection are counted lost.
+    pub fn restart(&mut self, stream_id: u32, sender_us: u64, at: Instant) {
+        if let (Some(next), Some(high)) = (self.next_seq, self.highest_seq) {
+            if high >= next && !self.ended {
+                self.stats.blocks_lost += high - next + 1;
+            }
+        }
+        self.config.stream_id = stream_id;
+        self.decoder = Decoder::new(self.config.decoder.clone());
+        self.ready.clear();
+        self.next_seq = None;
+        self.highest_seq = None;
+        self.end_seq = None;
+        self.end_deadline = None;
+        self.ended = false;
+        self.newest_ts = 0;
+        self.events.clear();
+        self.set_clock(sender_us, at);
     }
 
     /// Marks when the viewer started joining (before the handshake), so the
@@ -239,6 +270,7 @@ impl Receiver {
         match self.decoder.insert(&header, payload, deadline) {
             Insert::Accepted => {
                 self.newest_ts = self.newest_ts.max(ts);
+                self.highest_seq = Some(self.highest_seq.map_or(header.seq, |h| h.max(header.seq)));
                 self.next_seq.get_or_insert(header.seq);
                 tracing::trace!(seq = header.seq, index = header.index, "shard");
             }
@@ -549,7 +581,7 @@ mod tests {
             .filter_map(|e| match e {
                 Event::Block { seq, .. } => Some((*seq, true)),
                 Event::Lost { seq } => Some((*seq, false)),
-                Event::End => None,
+                Event::End | Event::Reconnected { .. } => None,
             })
             .collect()
     }

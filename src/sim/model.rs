@@ -239,6 +239,15 @@ pub struct Link {
 }
 
 impl Link {
+    /// Changes the link's behaviour from now on, keeping its random stream,
+    /// counters and queue: a test can cut the path and restore it mid-run.
+    pub fn reconfigure(&mut self, config: LinkConfig) {
+        if !matches!(config.loss, LossModel::GilbertElliott { .. }) {
+            self.bad = false;
+        }
+        self.config = config;
+    }
+
     /// A link with the given behaviour whose random choices all come from `seed`.
     pub fn new(config: LinkConfig, seed: u64) -> Self {
         let mut rng = SmallRng::seed_from_u64(seed);

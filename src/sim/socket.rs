@@ -161,6 +161,17 @@ impl LossySocket {
         }
     }
 
+    /// Changes the inbound link from now on (see [`Link::reconfigure`]); for
+    /// example a blackout with `LossModel::iid(1.0)`, then back.
+    pub fn set_inbound(&self, config: LinkConfig) {
+        lock(&self.inbound).link.reconfigure(config);
+    }
+
+    /// Changes the outbound link from now on (see [`Link::reconfigure`]).
+    pub fn set_outbound(&self, config: LinkConfig) {
+        lock(&self.outbound).link.reconfigure(config);
+    }
+
     /// Counters since the socket was created.
     pub fn stats(&self) -> SimStats {
         SimStats {

@@ -2,5 +2,6 @@
 
 mod analytics;
 mod examples;
+mod faults;
 mod transport;
 mod util;

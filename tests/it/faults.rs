@@ -1,0 +1,400 @@
+//! Faults: server restart, blackout, dead server, shutdown, connection storm.
+
+use std::{sync::Arc, time::Duration};
+
+use quicast::{
+    sim::{Impairment, LinkConfig, LossModel, LossySocket},
+    Client, ClientError, CloseCode, Event, Identity, Publisher, Server, ServerConfig,
+};
+
+use crate::util::{block, identity, TestServer};
+
+const BLOCK: usize = 188 * 112;
+
+/// Publishes paced blocks tagged `tag` until the task is dropped or `n` are sent.
+async fn publish(mut p: Publisher, tag: u8, n: u64) {
+    let mut tick = tokio::time::interval(Duration::from_millis(21));
+    for seq in 0..n {
+        tick.tick().await;
+        p.send(block(tag, seq, BLOCK), seq % 50 == 0).unwrap();
+    }
+    p.finish();
+}
+
+fn lossy(addr: &str) -> Arc<LossySocket> {
+    quicast::sim::bind(
+        addr.parse().unwrap(),
+        Impairment::symmetric(LinkConfig::default(), 1),
+    )
+    .unwrap()
+}
+
+fn cut(socket: &LossySocket, cut: bool) {
+    let mut link = LinkConfig::default();
+    if cut {
+        link.loss(LossModel::iid(1.0).unwrap());
+    }
+    socket.set_inbound(link.clone());
+    socket.set_outbound(link);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewer_reconnects_after_a_server_restart_and_resumes_live() {
+    let (cert, identity) = identity();
+    let start = |identity: Identity, addr: std::net::SocketAddr| {
+        let mut c = ServerConfig::new(identity);
+        c.listen(addr);
+        Server::bind(c).unwrap()
+    };
+    let first = start(identity.clone(), "127.0.0.1:0".parse().unwrap());
+    let addr = first.local_addr().unwrap();
+    let driver = tokio::spawn(first.run());
+    let pub_task = tokio::spawn(publish(first.publish("live", None).unwrap(), 1, 10_000));
+
+    let mut config = quicast::ClientConfig::new(addr, "live");
+    config
+        .add_root(cert)
+        .reconnect(Some(Duration::from_secs(10)));
+    let mut viewer = Client::connect(config).await.unwrap();
+    let mut before = 0;
+    while before < 20 {
+        match viewer.next().await {
+            Some(Ok(Event::Block { data, seq, .. })) => {
+                assert_eq!(data, block(1, seq, BLOCK));
+                before += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Restart: the first server says Goodbye and goes away; a new one takes
+    // the same address with a new stream clock and sequence numbers.
+    first.shutdown(Duration::from_secs(1)).await;
+    pub_task.abort();
+    driver.abort();
+    drop(first);
+    // quinn releases the old socket once its endpoint driver has wound down;
+    // a restarted process would find the port free at once.
+    let second = {
+        let mut tries = 0;
+        loop {
+            let mut c = ServerConfig::new(identity.clone());
+            c.listen(addr);
+            match Server::bind(c) {
+                Ok(s) => break s,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("could not rebind {addr}: {e}"),
+            }
+        }
+    };
+    let driver = tokio::spawn(second.run());
+    let pub_task = tokio::spawn(publish(second.publish("live", None).unwrap(), 2, 10_000));
+
+    let result = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut reconnected = None;
+        let mut after = 0;
+        while after < 20 {
+            match viewer.next().await {
+                Some(Ok(Event::Reconnected { attempts })) => reconnected = Some(attempts),
+                Some(Ok(Event::Block { data, seq, .. })) if reconnected.is_some() => {
+                    assert_eq!(
+                        data,
+                        block(2, seq, BLOCK),
+                        "blocks come from the new server"
+                    );
+                    after += 1;
+                }
+                Some(Ok(_)) => {}
+                other => panic!("viewer ended instead of reconnecting: {other:?}"),
+            }
+        }
+        reconnected
+    })
+    .await
+    .expect("viewer resumed within 15 s");
+    assert!(result.is_some());
+    assert!(viewer.stats().blocks_delivered >= 40);
+    pub_task.abort();
+    second.shutdown(Duration::from_secs(1)).await;
+    driver.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_second_blackout_is_a_stall_then_recovery() {
+    let srv = TestServer::start(|c| {
+        c.report_interval(Duration::from_millis(200));
+    });
+    let pub_task = tokio::spawn(publish(
+        srv.server.publish("live", None).unwrap(),
+        3,
+        10_000,
+    ));
+    let socket = lossy("127.0.0.1:0");
+    let endpoint =
+        Client::endpoint(srv.server.local_addr().unwrap(), Some(socket.clone())).unwrap();
+    let mut config = srv.client_config("live");
+    config.latency(Duration::from_millis(100));
+    let mut viewer = Client::connect_with(&endpoint, config).await.unwrap();
+    let mut seen = 0;
+    while seen < 30 {
+        if let Some(Ok(Event::Block { .. })) = viewer.next().await {
+            seen += 1;
+        }
+    }
+    cut(&socket, true);
+    let outage = tokio::time::Instant::now();
+    // Keep polling through the outage: deadlines expire, the stall is noticed.
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some(ev) = viewer.next().await {
+            assert!(
+                ev.is_ok(),
+                "a 3 s outage must not end the subscription: {ev:?}"
+            );
+        }
+    })
+    .await;
+    cut(&socket, false);
+    let delivered_at_restore = viewer.stats().blocks_delivered;
+    let recovered = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut after = 0;
+        while after < 30 {
+            match viewer.next().await {
+                Some(Ok(Event::Block { .. })) => after += 1,
+                Some(Ok(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        recovered.is_ok(),
+        "no recovery within 10 s of the path coming back"
+    );
+    let stats = viewer.stats();
+    println!("{stats:?} outage {:?}", outage.elapsed());
+    assert!(stats.stalls >= 1, "the outage must show as a stall");
+    assert!(
+        stats.stalled >= Duration::from_secs(2),
+        "stalled only {:?}",
+        stats.stalled
+    );
+    assert!(
+        stats.blocks_lost > 50,
+        "blocks during the outage are lost, not late-delivered"
+    );
+    assert!(stats.blocks_delivered >= delivered_at_restore + 30);
+    // The server heard about it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let snap = srv.server.analytics();
+        if snap.overall.stalls >= 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server saw no stall: {snap:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pub_task.abort();
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_detects_a_dead_server() {
+    let srv = TestServer::start(|c| {
+        c.idle_timeout(Duration::from_secs(1))
+            .keep_alive(Duration::from_millis(250));
+    });
+    let pub_task = tokio::spawn(publish(
+        srv.server.publish("live", None).unwrap(),
+        4,
+        10_000,
+    ));
+    let socket = lossy("127.0.0.1:0");
+    let endpoint =
+        Client::endpoint(srv.server.local_addr().unwrap(), Some(socket.clone())).unwrap();
+    let mut config = srv.client_config("live");
+    config
+        .idle_timeout(Duration::from_secs(1))
+        .keep_alive(Duration::from_millis(250))
+        .reconnect(None);
+    let mut viewer = Client::connect_with(&endpoint, config).await.unwrap();
+    assert!(matches!(viewer.next().await, Some(Ok(_))));
+    // The server falls silent for good.
+    cut(&socket, true);
+    let dead = tokio::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match viewer.next().await {
+                Some(Err(e)) => return e,
+                None => panic!("ended without an error"),
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the idle timeout fires within 5 s");
+    let took = dead.elapsed();
+    assert!(
+        matches!(
+            err,
+            ClientError::Connection(quinn::ConnectionError::TimedOut)
+        ),
+        "{err:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    pub_task.abort();
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_says_goodbye_to_viewers() {
+    let srv = TestServer::start(|_| {});
+    let pub_task = tokio::spawn(publish(
+        srv.server.publish("live", None).unwrap(),
+        5,
+        10_000,
+    ));
+    let mut config = srv.client_config("live");
+    config.reconnect(None);
+    let mut viewer = srv.viewer(config, 0.0, 0).await.unwrap();
+    assert!(matches!(viewer.next().await, Some(Ok(_))));
+    let server = srv.server.clone();
+    let shutdown = tokio::spawn(async move { server.shutdown(Duration::from_secs(2)).await });
+    let err = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match viewer.next().await {
+                Some(Err(e)) => return e,
+                None => panic!("ended without Goodbye"),
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    match err {
+        ClientError::Goodbye { code, reason } => {
+            assert_eq!(code, CloseCode::Shutdown);
+            assert!(reason.contains("shutting down"), "{reason}");
+        }
+        other => panic!("expected Goodbye, got {other:?}"),
+    }
+    shutdown.await.unwrap();
+    pub_task.abort();
+    srv.stop().await;
+}
+
+/// Resident memory of this process, from /proc (Linux).
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_storm_leaves_good_viewers_alone() {
+    const STORM: usize = 300;
+    const LIMIT: usize = 64;
+    let srv = TestServer::start(|c| {
+        c.max_connections(LIMIT)
+            .hello_timeout(Duration::from_millis(500));
+    });
+    let publisher = srv.server.publish("live", None).unwrap();
+    let mut good = Vec::new();
+    for _ in 0..2 {
+        good.push(srv.viewer(srv.client_config("live"), 0.0, 0).await.unwrap());
+    }
+    let n = 150; // about 3 s
+    let pub_task = tokio::spawn(publish(publisher, 6, n));
+    let watching: Vec<_> = good
+        .into_iter()
+        .map(|v| tokio::spawn(crate::util::collect(v, Duration::from_secs(20))))
+        .collect();
+    let rss_before = rss_bytes();
+
+    // Many handshakes at once that never say Hello, from one endpoint.
+    let (cert, _) = (srv.cert.clone(), ());
+    let addr = srv.server.local_addr().unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"quicast/1".to_vec()];
+    let client_config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let storm = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut attempts = tokio::task::JoinSet::new();
+        for _ in 0..STORM {
+            let connecting = endpoint
+                .connect_with(client_config.clone(), addr, "localhost")
+                .unwrap();
+            attempts.spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+                    // Hold the connection without a Hello until the server drops it.
+                    Ok(Ok(conn)) => {
+                        let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
+                        true
+                    }
+                    _ => false,
+                }
+            });
+        }
+        let mut handshakes = 0;
+        while let Some(r) = attempts.join_next().await {
+            handshakes += usize::from(r.unwrap());
+        }
+        handshakes
+    })
+    .await
+    .expect("the storm finishes in bounded time");
+    let stats = srv.server.stats();
+    println!("storm: {storm} handshakes completed, {stats:?}");
+    assert!(
+        stats.connections_refused > 0,
+        "the limit of {LIMIT} must refuse some of {STORM}"
+    );
+    assert!(stats.connections_accepted <= (STORM + 2) as u64);
+    for w in watching {
+        let r = w.await.unwrap();
+        assert!(r.ended, "good viewer's stream ended normally");
+        assert!(r.lost.is_empty(), "good viewer lost {:?}", r.lost);
+        assert_eq!(r.blocks.len(), n as usize);
+    }
+    if let (Some(before), Some(after)) = (rss_before, rss_bytes()) {
+        let grown = after.saturating_sub(before);
+        assert!(grown < 200 << 20, "memory grew by {} MB", grown >> 20);
+    }
+    // Still responsive: a new viewer is served after the storm.
+    assert!(srv
+        .viewer(srv.client_config("live"), 0.0, 0)
+        .await
+        .is_err_and(|e| matches!(
+            e,
+            ClientError::Rejected {
+                code: CloseCode::NoSuchStream,
+                ..
+            }
+        )));
+    pub_task.abort();
+    srv.stop().await;
+}
