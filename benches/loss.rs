@@ -32,7 +32,7 @@ use hdrhistogram::Histogram;
 use quicast::{
     config::FecConfig,
     sim::{Impairment, LinkConfig, LossModel, LossySocket},
-    Client, ClientConfig, CongestionControl, Event, Identity, Parity, Server, ServerConfig,
+    Client, ClientConfig, CongestionControl, Event, Parity, Server, ServerConfig,
 };
 
 /// FEC datagrams vs plain datagrams vs a reliable QUIC stream under seeded loss.
@@ -201,21 +201,6 @@ impl Received {
     }
 }
 
-fn identity() -> (rustls_pki_types::CertificateDer<'static>, Identity) {
-    let (cert, key) = quicast::net::tls::self_signed().unwrap();
-    let key = match key {
-        rustls_pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
-        _ => unreachable!("rcgen emits PKCS#8"),
-    };
-    (
-        cert.clone(),
-        Identity::Der {
-            certs: vec![cert],
-            key: Arc::new(key),
-        },
-    )
-}
-
 /// The server's socket: a perfect link, used to count the bytes on the wire.
 fn server_socket() -> anyhow::Result<Arc<LossySocket>> {
     Ok(quicast::sim::bind(
@@ -267,7 +252,7 @@ enum Dgram {
 
 /// quicast over datagrams.
 async fn run_quicast(opts: &Opts, model: Model, loss: f64, mode: Dgram) -> anyhow::Result<Row> {
-    let (cert, identity) = identity();
+    let (cert, identity) = quicast::net::tls::self_signed_identity()?;
     let mut fc = FecConfig::default();
     fc.set_redundancy(if mode == Dgram::Fixed {
         opts.fixed_redundancy
@@ -364,8 +349,13 @@ async fn run_quicast(opts: &Opts, model: Model, loss: f64, mode: Dgram) -> anyho
     ))
 }
 
-/// The same blocks written to one reliable QUIC stream with quinn alone.
-async fn run_stream(opts: &Opts, model: Model, loss: f64) -> anyhow::Result<Row> {
+/// quinn server and client configs for the raw-quinn modes: a fresh
+/// self-signed certificate the client trusts (verification on), quicast's
+/// congestion settings, and `datagram_receive` bytes of datagram buffer.
+fn raw_quinn(
+    opts: &Opts,
+    datagram_receive: usize,
+) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
     let (cert, key) = quicast::net::tls::self_signed()?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -375,20 +365,12 @@ async fn run_stream(opts: &Opts, model: Model, loss: f64) -> anyhow::Result<Row>
     tls.alpn_protocols = vec![b"bench".to_vec()];
     let mut transport = quinn::TransportConfig::default();
     set_cc(&mut transport, opts);
+    transport.datagram_receive_buffer_size(Some(datagram_receive));
     let transport = Arc::new(transport);
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
     ));
     sc.transport_config(transport.clone());
-    let runtime = Arc::new(quinn::TokioRuntime);
-    let ssock = server_socket()?;
-    let server = quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
-        Some(sc),
-        ssock.clone(),
-        runtime.clone(),
-    )?;
-    let addr: SocketAddr = server.local_addr()?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert)?;
     let mut ctls = rustls::ClientConfig::builder_with_provider(provider)
@@ -400,6 +382,21 @@ async fn run_stream(opts: &Opts, model: Model, loss: f64) -> anyhow::Result<Row>
         quinn::crypto::rustls::QuicClientConfig::try_from(ctls)?,
     ));
     cc.transport_config(transport);
+    Ok((sc, cc))
+}
+
+/// The same blocks written to one reliable QUIC stream with quinn alone.
+async fn run_stream(opts: &Opts, model: Model, loss: f64) -> anyhow::Result<Row> {
+    let (sc, cc) = raw_quinn(opts, 1 << 20)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let ssock = server_socket()?;
+    let server = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(sc),
+        ssock.clone(),
+        runtime.clone(),
+    )?;
+    let addr: SocketAddr = server.local_addr()?;
     let vsock = viewer_socket(opts, model, loss)?;
     let client = quinn::Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),
@@ -515,34 +512,9 @@ fn row(
 /// Raw quinn datagram throughput on loopback: 1200-byte datagrams, as fast as
 /// `send_datagram_wait` allows, for `secs`.
 async fn saturation_raw(opts: &Opts, secs: f64) -> anyhow::Result<Row> {
-    let (cert, key) = quicast::net::tls::self_signed()?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.clone()], key)?;
-    tls.alpn_protocols = vec![b"bench".to_vec()];
-    let mut transport = quinn::TransportConfig::default();
-    set_cc(&mut transport, opts);
-    transport.datagram_receive_buffer_size(Some(8 << 20));
-    let transport = Arc::new(transport);
-    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(
-        quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
-    ));
-    sc.transport_config(transport.clone());
+    let (sc, cc) = raw_quinn(opts, 8 << 20)?;
     let server = quinn::Endpoint::server(sc, "127.0.0.1:0".parse()?)?;
     let addr = server.local_addr()?;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert)?;
-    let mut ctls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    ctls.alpn_protocols = vec![b"bench".to_vec()];
-    let mut cc = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(ctls)?,
-    ));
-    cc.transport_config(transport);
     let mut client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     client.set_default_client_config(cc);
     let sender = tokio::spawn(async move {
@@ -594,7 +566,7 @@ async fn saturation_raw(opts: &Opts, secs: f64) -> anyhow::Result<Row> {
 /// quicast media goodput at saturation: blocks published as fast as the
 /// publisher can encode them, for `secs`, one viewer on loopback.
 async fn saturation_quicast(opts: &Opts, secs: f64) -> anyhow::Result<Row> {
-    let (cert, identity) = identity();
+    let (cert, identity) = quicast::net::tls::self_signed_identity()?;
     let mut fc = FecConfig::default();
     fc.set_redundancy(opts.redundancy)?;
     fc.set_max_data_shards(opts.max_data_shards)?;

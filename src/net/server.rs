@@ -820,27 +820,30 @@ fn frame_error(shared: &Shared, conn: &quinn::Connection, e: FrameError) -> Conn
 
 /// Sends one block's shards to one viewer: all data, and `parity` parity
 /// shards per group. Returns the datagrams handed to quinn.
+///
+/// Per shard this only clones a `Bytes` and calls quinn; the buffer space is
+/// read once and the shared counters are updated once per block.
 fn send_block(
     shared: &Shared,
     conn: &quinn::Connection,
     block: &EncodedBlock,
     parity: usize,
 ) -> u64 {
-    let c = &shared.counters;
-    let mut sent = 0;
+    let (mut sent, mut bytes, mut dropped, mut too_large) = (0u64, 0u64, 0u64, 0u64);
+    let mut space = conn.datagram_send_buffer_space();
     for dg in block.datagrams_with_parity(parity) {
         // quinn drops the oldest queued datagram to make room; count it.
-        if conn.datagram_send_buffer_space() < dg.len() {
-            c.datagrams_dropped.fetch_add(1, Relaxed);
+        match space.checked_sub(dg.len()) {
+            Some(left) => space = left,
+            None => dropped += 1,
         }
         match conn.send_datagram(dg.clone()) {
             Ok(()) => {
                 sent += 1;
-                c.datagrams_sent.fetch_add(1, Relaxed);
-                c.bytes_sent.fetch_add(dg.len() as u64, Relaxed);
+                bytes += dg.len() as u64;
             }
             Err(quinn::SendDatagramError::TooLarge) => {
-                c.datagrams_too_large.fetch_add(1, Relaxed);
+                too_large += 1;
                 trace!(len = dg.len(), "datagram too large for path");
             }
             Err(e) => {
@@ -849,6 +852,11 @@ fn send_block(
             }
         }
     }
+    let c = &shared.counters;
+    c.datagrams_sent.fetch_add(sent, Relaxed);
+    c.bytes_sent.fetch_add(bytes, Relaxed);
+    c.datagrams_dropped.fetch_add(dropped, Relaxed);
+    c.datagrams_too_large.fetch_add(too_large, Relaxed);
     sent
 }
 

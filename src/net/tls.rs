@@ -123,6 +123,24 @@ pub fn self_signed() -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>)
     Ok((ck.cert.der().clone(), key.into()))
 }
 
+/// [`self_signed`] as a server [`Identity`], with the certificate a client
+/// must trust; for tests, benchmarks and single-process demos.
+pub fn self_signed_identity() -> Result<(CertificateDer<'static>, Identity), TlsError> {
+    let ck = rcgen::generate_simple_self_signed(vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ])?;
+    let cert = ck.cert.der().clone();
+    Ok((
+        cert.clone(),
+        Identity::Der {
+            certs: vec![cert],
+            key: Arc::new(ck.signing_key.serialize_der()),
+        },
+    ))
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

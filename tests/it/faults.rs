@@ -21,6 +21,21 @@ async fn publish(mut p: Publisher, tag: u8, n: u64) {
     p.finish();
 }
 
+/// The viewer's first error, within `limit`; panics if it ends without one.
+async fn next_error(viewer: &mut quicast::Subscription, limit: Duration) -> ClientError {
+    tokio::time::timeout(limit, async {
+        loop {
+            match viewer.next().await {
+                Some(Err(e)) => return e,
+                None => panic!("ended without an error"),
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("an error within the limit")
+}
+
 fn lossy(addr: &str) -> Arc<LossySocket> {
     quicast::sim::bind(
         addr.parse().unwrap(),
@@ -227,17 +242,7 @@ async fn idle_timeout_detects_a_dead_server() {
     // The server falls silent for good.
     cut(&socket, true);
     let dead = tokio::time::Instant::now();
-    let err = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match viewer.next().await {
-                Some(Err(e)) => return e,
-                None => panic!("ended without an error"),
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await
-    .expect("the idle timeout fires within 5 s");
+    let err = next_error(&mut viewer, Duration::from_secs(5)).await;
     let took = dead.elapsed();
     assert!(
         matches!(
@@ -268,17 +273,7 @@ async fn shutdown_says_goodbye_to_viewers() {
     assert!(matches!(viewer.next().await, Some(Ok(_))));
     let server = srv.server.clone();
     let shutdown = tokio::spawn(async move { server.shutdown(Duration::from_secs(2)).await });
-    let err = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match viewer.next().await {
-                Some(Err(e)) => return e,
-                None => panic!("ended without Goodbye"),
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let err = next_error(&mut viewer, Duration::from_secs(5)).await;
     match err {
         ClientError::Goodbye { code, reason } => {
             assert_eq!(code, CloseCode::Shutdown);

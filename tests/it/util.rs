@@ -12,18 +12,7 @@ use rustls_pki_types::CertificateDer;
 
 /// A fresh self-signed certificate, and the server identity using it.
 pub fn identity() -> (CertificateDer<'static>, Identity) {
-    let (cert, key) = quicast::net::tls::self_signed().expect("rcgen");
-    let key = match key {
-        rustls_pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
-        _ => unreachable!("rcgen emits PKCS#8"),
-    };
-    (
-        cert.clone(),
-        Identity::Der {
-            certs: vec![cert],
-            key: Arc::new(key),
-        },
-    )
+    quicast::net::tls::self_signed_identity().expect("rcgen")
 }
 
 pub struct TestServer {
