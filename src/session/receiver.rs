@@ -263,11 +263,14 @@ impl Receiver {
         let ts = clock.unwrap(header.timestamp_us, now);
         let deadline = clock.local(ts) + self.config.latency;
 
-        // Counted before the decoder's verdict: the server compares this
-        // with what it sent to estimate loss on the path, whatever the
-        // decoder then makes of the shard.
-        self.stats.shards_received += 1;
-        match self.decoder.insert(&header, payload, deadline) {
+        let verdict = self.decoder.insert(&header, payload, deadline);
+        // Every valid shard counts, whatever the decoder then makes of it: the
+        // server compares this with what it sent to estimate loss on the path.
+        // A shard contradicting its block is malformed, not received.
+        if verdict != Insert::Inconsistent {
+            self.stats.shards_received += 1;
+        }
+        match verdict {
             Insert::Accepted => {
                 self.newest_ts = self.newest_ts.max(ts);
                 self.highest_seq = Some(self.highest_seq.map_or(header.seq, |h| h.max(header.seq)));

@@ -1,6 +1,7 @@
 //! Integration tests: loopback only, every loop bounded in count and time.
 
 mod analytics;
+mod bad_input;
 mod examples;
 mod faults;
 mod transport;
