@@ -710,6 +710,20 @@ async fn serve(shared: &Shared, incoming: quinn::Incoming) -> Result<(), ConnEnd
         })
     };
     let Some((stream_id, mut rx, epoch, tokens, viewers)) = lookup else {
+        // Behind a server-wide token, only an authorized viewer learns which
+        // stream names exist.
+        if let Some(required) = &shared.config.token {
+            if !token_ok(&[required], &token) {
+                let reason = if token.is_empty() {
+                    "token required"
+                } else {
+                    "invalid token"
+                };
+                return Err(
+                    reject(shared, &conn, &mut send, CloseCode::Unauthorized, reason).await,
+                );
+            }
+        }
         let reason = format!("no such stream {stream:?}");
         return Err(reject(shared, &conn, &mut send, CloseCode::NoSuchStream, &reason).await);
     };

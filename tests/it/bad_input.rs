@@ -817,3 +817,41 @@ async fn token_wrong() {
 async fn token_missing() {
     bad_token(None, "token required").await;
 }
+
+/// Behind a server-wide token, a stranger cannot probe for stream names: an
+/// unknown stream without the token is `unauthorized`, not `no_such_stream`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_hides_which_streams_exist() {
+    let srv = TestServer::start(|c| {
+        c.token(Some(bytes::Bytes::from_static(b"let-me-in")));
+    });
+    let _live = srv.server.publish("live", None).unwrap();
+    let err = srv
+        .viewer(srv.client_config("secret"), 0.0, 0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            quicast::ClientError::Rejected {
+                code: CloseCode::Unauthorized,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let mut config = srv.client_config("secret");
+    config.token("let-me-in");
+    let err = srv.viewer(config, 0.0, 0).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            quicast::ClientError::Rejected {
+                code: CloseCode::NoSuchStream,
+                ..
+            }
+        ),
+        "an authorized viewer learns the stream is missing: {err:?}"
+    );
+    srv.stop().await;
+}
