@@ -173,3 +173,39 @@ fn client_example_exits_nonzero_naming_the_rejection() {
         "stderr names the reason: {stderr}"
     );
 }
+
+#[test]
+fn client_example_with_a_wrong_token_fails_and_the_right_one_is_served() {
+    let (_server, addr) = start_server(&["--token", "open-sesame"]);
+    let out = Command::new(example("client"))
+        .args(["--server", &addr, "--token", "guess", "--duration", "5"])
+        .output()
+        .expect("run client example");
+    assert!(!out.status.success(), "a wrong token must fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("rejected") && stderr.contains("invalid token"),
+        "stderr names the reason: {stderr}"
+    );
+    let good = temp("token-stats.json");
+    let out = Command::new(example("client"))
+        .args([
+            "--server",
+            &addr,
+            "--token",
+            "open-sesame",
+            "--duration",
+            "1",
+        ])
+        .args(["--stats-json", good.to_str().unwrap()])
+        .output()
+        .expect("run client example");
+    assert!(
+        out.status.success(),
+        "the right token is served: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&good).unwrap()).unwrap();
+    assert!(json["blocks_delivered"].as_u64().unwrap() > 10, "{json}");
+    let _ = std::fs::remove_file(good);
+}
