@@ -78,7 +78,7 @@ impl std::str::FromStr for CongestionControl {
 pub enum Parity {
     /// From each viewer's reported loss, the fewest parity shards that keep its
     /// expected residual block loss under the policy's target (see
-    /// [`RedundancyPolicy`](crate::analytics::RedundancyPolicy)), capped by what
+    /// [`RedundancyPolicy`]), capped by what
     /// was encoded. Until a viewer's first estimate it gets every encoded
     /// parity shard. Default.
     #[default]

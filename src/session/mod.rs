@@ -11,5 +11,5 @@ mod receiver;
 mod stats;
 
 pub use rate::TokenBucket;
-pub use receiver::{Event, Receiver, ReceiverConfig};
+pub use receiver::{Event, Receiver, ReceiverConfig, DEFAULT_STALL_AFTER};
 pub use stats::{LatencySummary, ReceiverStats};
