@@ -2,5 +2,6 @@
 
 mod analytics;
 mod examples;
+mod props;
 mod transport;
 mod util;
