@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 use super::stats::{new_histogram, ReceiverStats};
 use crate::{
     fec::{BlockResult, Decoder, DecoderConfig, Insert},
-    wire::{Flags, Report, ShardHeader},
+    wire::{Flags, Report, ShardHeader, MAX_VARINT},
 };
 
 /// What a viewer's application receives, in sequence order.
@@ -32,9 +32,10 @@ pub enum Event {
     /// Block `seq` missed its deadline; it will never be delivered.
     ///
     /// Every lost block is counted in [`ReceiverStats::blocks_lost`]. After a
-    /// forward jump of the sender by more than the decoder window (not
-    /// something a conforming sender does), only the last window's worth of
-    /// the skipped blocks get an event.
+    /// forward jump of the sender by more than the decoder window, or an
+    /// end of stream announced that far beyond the last block seen (neither
+    /// is something a conforming sender does), only the last window's worth
+    /// of the skipped blocks get an event.
     Lost {
         /// Sequence number.
         seq: u64,
@@ -298,19 +299,19 @@ impl Receiver {
                 self.stall_changes.push_back(true);
             }
         }
-        if self.end_deadline.is_some_and(|d| d <= now) {
-            // Blocks at the end of the stream of which no shard ever came.
-            if let (Some(end), Some(next)) = (self.end_seq, self.next_seq) {
-                for seq in next..=end {
-                    self.ready.entry(seq).or_insert(Ready::Lost);
-                }
-            }
-            self.end_deadline = None;
-        }
         if let Some(clock) = self.clock {
             self.drain(now, clock);
         } else {
             self.release(now, None);
+        }
+        if self.end_deadline.is_some_and(|d| d <= now) {
+            // Blocks at the end of the stream of which no shard ever came;
+            // the decoder's verdicts on the blocks it holds are in `ready`.
+            if let (Some(end), Some(next)) = (self.end_seq, self.next_seq) {
+                self.lose_unseen(next, end);
+            }
+            self.end_deadline = None;
+            self.release(now, self.clock);
         }
     }
 
@@ -338,6 +339,8 @@ impl Receiver {
     /// Blocks up to it still get their deadline; any not seen at all are lost
     /// one latency budget from `now`, and then [`Event::End`] follows.
     pub fn end_of_stream(&mut self, last_seq: u64, now: Instant) {
+        // No header carries a larger sequence number.
+        let last_seq = last_seq.min(MAX_VARINT);
         self.end_seq = Some(self.end_seq.map_or(last_seq, |e| e.min(last_seq)));
         self.end_deadline = Some(now + self.config.latency);
         self.release(now, self.clock);
@@ -451,6 +454,27 @@ impl Receiver {
             self.ready.insert(out.seq, ready);
         }
         self.release(now, Some(clock));
+    }
+
+    /// Marks every block in `from..=to` that holds nothing ready as lost:
+    /// one [`Ready::Skipped`] run per gap between ready blocks.
+    ///
+    /// `to` comes from the peer's EndOfStream and may be any varint, so this
+    /// costs `O(ready)`, never `O(to - from)`; a run then yields at most a
+    /// decoder window of [`Event::Lost`]. Call it with the decoder's outcomes
+    /// drained, and release right after: every block up to `to` then has an
+    /// entry, so the stream ends and no later outcome lands inside a run.
+    /// Requires `to <= MAX_VARINT`.
+    fn lose_unseen(&mut self, from: u64, to: u64) {
+        let mut seq = from;
+        while seq <= to {
+            let held = self.ready.range(seq..=to).next().map(|(&s, _)| s);
+            let gap_end = held.unwrap_or(to + 1);
+            if gap_end > seq {
+                self.ready.insert(seq, Ready::Skipped(gap_end - seq));
+            }
+            seq = gap_end + 1;
+        }
     }
 
     fn release(&mut self, now: Instant, clock: Option<Clock>) {
@@ -671,6 +695,30 @@ mod tests {
         assert_eq!(seqs(&ev), vec![(1, false), (2, false)]);
         assert_eq!(ev.last(), Some(&Event::End));
         assert!(s.receiver.is_ended());
+    }
+
+    /// EndOfStream's `last_seq` comes from the peer. One far beyond the
+    /// blocks seen is one run of lost blocks with a window of events, not a
+    /// loop per sequence number (the `receiver` fuzz target found that loop
+    /// running out of memory for a `last_seq` near 2^62).
+    #[test]
+    fn end_of_stream_far_ahead_costs_a_window() {
+        let mut s = Sim::new();
+        let b0 = s.block(0, 0, 3000, Flags::empty());
+        let b1 = s.block(1, 10, 3000, Flags::empty());
+        let b3 = s.block(3, 30, 3000, Flags::empty());
+        s.feed(1, b0);
+        s.feed(11, b1[..1].to_vec()); // too few shards to rebuild
+        s.feed(31, b3); // block 2: never seen
+        s.receiver.end_of_stream(u64::MAX, s.at(40));
+        s.receiver.handle_timeout(s.at(140));
+        let ev = s.events();
+        let window = DecoderConfig::default().window() as u64;
+        let mut want = vec![(0, true), (1, false), (2, false), (3, true)];
+        want.extend((MAX_VARINT - window + 1..=MAX_VARINT).map(|seq| (seq, false)));
+        assert_eq!(seqs(&ev), want);
+        assert_eq!(ev.last(), Some(&Event::End));
+        assert_eq!(s.receiver.stats().blocks_lost, 2 + (MAX_VARINT - 3));
     }
 
     #[test]

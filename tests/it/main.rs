@@ -4,5 +4,6 @@ mod analytics;
 mod bad_input;
 mod examples;
 mod faults;
+mod props;
 mod transport;
 mod util;
