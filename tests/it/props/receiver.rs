@@ -15,7 +15,7 @@
 //! | 0..=3 | deliver one of the encoded datagrams (any block, any shard, repeats allowed) |
 //! | 4 | deliver an encoded datagram with bytes flipped, cut short or one appended |
 //! | 5 | deliver raw bytes from the script, optionally behind a plausible header start |
-//! | 6 | move the clock (by up to 255 ms, to `poll_timeout`, or by seconds), `handle_timeout` |
+//! | 6 | move the clock (by up to 199 ms, to `poll_timeout`, or by 10 to 60 s), `handle_timeout` |
 //! | 7 | `end_of_stream` with a sequence number near the stream's, far beyond it, or the largest a frame carries |
 
 use std::collections::{BTreeMap, BTreeSet};
