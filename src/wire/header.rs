@@ -129,6 +129,10 @@ impl ShardHeader {
             return Err(DecodeError::Short);
         }
         let total = data_shards_for(header.block_len as usize, shard_size);
+        // Every group holds at least one data shard, and at most 255.
+        if usize::from(header.groups) > total {
+            return Err(DecodeError::Invalid("groups for block length"));
+        }
         if total > usize::from(header.groups) * 255 {
             return Err(DecodeError::Invalid("block length for k and shard size"));
         }
@@ -382,6 +386,20 @@ mod tests {
         );
         // Nor would 2 shards of 10_000 need k = 10.
         assert!(ShardHeader::decode_datagram(&datagram(&h, 10_000)).is_err());
+        // One data shard cannot be split into two groups.
+        let split = ShardHeader {
+            k: 1,
+            m: 1,
+            index: 0,
+            block_len: 100,
+            groups: 2,
+            group: 1,
+            ..h
+        };
+        assert_eq!(
+            ShardHeader::decode_datagram(&datagram(&split, 100)),
+            Err(DecodeError::Invalid("groups for block length"))
+        );
         assert_eq!(
             ShardHeader::decode_datagram(&datagram(&h, 0)),
             Err(DecodeError::Short)
