@@ -8,21 +8,9 @@ mod util;
 
 use std::{sync::Arc, time::Duration};
 
-use quicast::{ClientError, CloseCode, Publisher};
+use quicast::{ClientError, CloseCode};
 
-use util::{block, TestServer};
-
-const BLOCK: usize = 188 * 112;
-
-/// Publishes paced blocks until `n` are sent, then ends the stream.
-async fn publish(mut p: Publisher, n: u64) {
-    let mut tick = tokio::time::interval(Duration::from_millis(21));
-    for seq in 0..n {
-        tick.tick().await;
-        p.send(block(6, seq, BLOCK), seq % 50 == 0).unwrap();
-    }
-    p.finish();
-}
+use util::{publish, TestServer, PACE};
 
 /// Resident memory of this process, from /proc (Linux).
 fn rss_bytes() -> Option<u64> {
@@ -56,7 +44,7 @@ async fn connection_storm_leaves_good_viewers_alone() {
         good.push(srv.viewer(config.clone(), 0.0, 0).await.unwrap());
     }
     let n = 150; // about 3 s
-    let pub_task = tokio::spawn(publish(publisher, n));
+    let pub_task = tokio::spawn(publish(publisher, 6, n, PACE));
     let watching: Vec<_> = good
         .into_iter()
         .map(|v| tokio::spawn(util::collect(v, Duration::from_secs(20))))

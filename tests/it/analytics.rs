@@ -2,22 +2,10 @@
 
 use std::time::Duration;
 
-use quicast::{Event, Publisher};
+use quicast::Event;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::util::{block, collect, seed, TestServer};
-
-const BLOCK: usize = 188 * 112;
-
-/// Publishes paced blocks (about 8 Mbit/s) until `n` are sent, then ends.
-async fn publish(mut p: Publisher, n: u64) {
-    let mut tick = tokio::time::interval(Duration::from_millis(21));
-    for seq in 0..n {
-        tick.tick().await;
-        p.send(block(1, seq, BLOCK), seq % 50 == 0).unwrap();
-    }
-    p.finish();
-}
+use crate::util::{collect, publish, seed, TestServer, PACE};
 
 async fn get_metrics(addr: std::net::SocketAddr) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -87,7 +75,7 @@ async fn metrics_count_the_viewer_and_pass_promtool() {
     let addr = listener.local_addr().unwrap();
     let metrics = tokio::spawn(quicast::net::serve_metrics(listener, srv.server.clone()));
     let publisher = srv.server.publish("live", None).unwrap();
-    let pub_task = tokio::spawn(publish(publisher, 100));
+    let pub_task = tokio::spawn(publish(publisher, 1, 100, PACE));
 
     let mut viewer = srv.viewer(srv.client_config("live"), 0.0, 0).await.unwrap();
     // Watch for a while, so reports flow.
@@ -131,7 +119,7 @@ async fn lossier_viewer_gets_more_parity_and_both_stay_on_time() {
     let low = srv.viewer(config.clone(), 0.01, seed).await.unwrap();
     let high = srv.viewer(config, 0.10, seed ^ 1).await.unwrap();
     let n = 480; // about 10 s
-    let pub_task = tokio::spawn(publish(publisher, n));
+    let pub_task = tokio::spawn(publish(publisher, 1, n, PACE));
     let (low, high) = tokio::join!(
         tokio::spawn(async move {
             let mut low = low;
@@ -212,7 +200,7 @@ async fn shutdown_applies_and_logs_every_accepted_event() {
             .event_log(Some(path));
     });
     let publisher = srv.server.publish("live", None).unwrap();
-    let pub_task = tokio::spawn(publish(publisher, 1_000));
+    let pub_task = tokio::spawn(publish(publisher, 1, 1_000, PACE));
     let mut viewers = Vec::new();
     for _ in 0..3 {
         viewers.push(srv.viewer(srv.client_config("live"), 0.0, 0).await.unwrap());

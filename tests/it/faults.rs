@@ -4,22 +4,10 @@ use std::{sync::Arc, time::Duration};
 
 use quicast::{
     sim::{Impairment, LinkConfig, LossModel, LossySocket},
-    Client, ClientError, CloseCode, Event, Identity, Publisher, Server, ServerConfig,
+    Client, ClientError, CloseCode, Event, Identity, Server, ServerConfig,
 };
 
-use crate::util::{block, identity, TestServer};
-
-const BLOCK: usize = 188 * 112;
-
-/// Publishes paced blocks tagged `tag` until the task is dropped or `n` are sent.
-async fn publish(mut p: Publisher, tag: u8, n: u64) {
-    let mut tick = tokio::time::interval(Duration::from_millis(21));
-    for seq in 0..n {
-        tick.tick().await;
-        p.send(block(tag, seq, BLOCK), seq % 50 == 0).unwrap();
-    }
-    p.finish();
-}
+use crate::util::{block, identity, publish, TestServer, BLOCK, PACE};
 
 /// The viewer's first error, within `limit`; panics if it ends without one.
 async fn next_error(viewer: &mut quicast::Subscription, limit: Duration) -> ClientError {
@@ -64,7 +52,12 @@ async fn viewer_reconnects_after_a_server_restart_and_resumes_live() {
     let first = start(identity.clone(), "127.0.0.1:0".parse().unwrap());
     let addr = first.local_addr().unwrap();
     let driver = tokio::spawn(first.run());
-    let pub_task = tokio::spawn(publish(first.publish("live", None).unwrap(), 1, 10_000));
+    let pub_task = tokio::spawn(publish(
+        first.publish("live", None).unwrap(),
+        1,
+        10_000,
+        PACE,
+    ));
 
     let mut config = quicast::ClientConfig::new(addr, "live");
     config
@@ -106,7 +99,12 @@ async fn viewer_reconnects_after_a_server_restart_and_resumes_live() {
         }
     };
     let driver = tokio::spawn(second.run());
-    let pub_task = tokio::spawn(publish(second.publish("live", None).unwrap(), 2, 10_000));
+    let pub_task = tokio::spawn(publish(
+        second.publish("live", None).unwrap(),
+        2,
+        10_000,
+        PACE,
+    ));
 
     let result = tokio::time::timeout(Duration::from_secs(15), async {
         let mut reconnected = None;
@@ -146,6 +144,7 @@ async fn three_second_blackout_is_a_stall_then_recovery() {
         srv.server.publish("live", None).unwrap(),
         3,
         10_000,
+        PACE,
     ));
     let socket = lossy("127.0.0.1:0");
     let endpoint =
@@ -228,6 +227,7 @@ async fn idle_timeout_detects_a_dead_server() {
         srv.server.publish("live", None).unwrap(),
         4,
         10_000,
+        PACE,
     ));
     let socket = lossy("127.0.0.1:0");
     let endpoint =
@@ -266,6 +266,7 @@ async fn shutdown_says_goodbye_to_viewers() {
         srv.server.publish("live", None).unwrap(),
         5,
         10_000,
+        PACE,
     ));
     let mut config = srv.client_config("live");
     config.reconnect(None);

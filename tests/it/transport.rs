@@ -4,19 +4,7 @@ use std::time::Duration;
 
 use quicast::{ClientError, CloseCode};
 
-use crate::util::{block, collect, fec, seed, Collected, TestServer};
-
-const BLOCK: usize = 188 * 112;
-
-/// Publishes `n` blocks paced at `interval`, then ends the stream.
-async fn publish(mut p: quicast::Publisher, tag: u8, n: u64, interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
-    for seq in 0..n {
-        tick.tick().await;
-        p.send(block(tag, seq, BLOCK), seq % 25 == 0).unwrap();
-    }
-    p.finish();
-}
+use crate::util::{block, collect, fec, publish, seed, Collected, TestServer, BLOCK};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_percent_loss_is_recovered_by_fec() {

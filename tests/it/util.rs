@@ -117,6 +117,23 @@ pub async fn collect(mut sub: Subscription, limit: Duration) -> Collected {
     }
 }
 
+/// Bytes per test block: 112 MPEG-TS packets, 20 shards of about 1050 bytes.
+pub const BLOCK: usize = 188 * 112;
+
+/// Publishes `n` blocks tagged `tag` (see [`block`]) every `interval`, a sync
+/// point every 25, then ends the stream.
+pub async fn publish(mut p: quicast::Publisher, tag: u8, n: u64, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    for seq in 0..n {
+        tick.tick().await;
+        p.send(block(tag, seq, BLOCK), seq % 25 == 0).unwrap();
+    }
+    p.finish();
+}
+
+/// About 8 Mbit/s of [`BLOCK`]s.
+pub const PACE: Duration = Duration::from_millis(21);
+
 /// Deterministic block content: stream tag, sequence, then a pattern.
 pub fn block(tag: u8, seq: u64, len: usize) -> Bytes {
     let mut v = Vec::with_capacity(len);
