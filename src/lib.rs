@@ -16,11 +16,15 @@
 //! | [`wire`] | PURE byte layouts: the datagram shard header and control messages |
 //! | [`fec`] | PURE block ↔ shards codec with deadline eviction |
 //! | [`session`] | PURE receiver state machine (time passed in), rate limiter |
-//! | [`net`] | THIN SHELL: quinn endpoints, TLS, control framing, [`Server`], [`Client`] |
+//! | [`analytics`] | PURE viewer-event aggregator, QoE, the loss → parity policy, Prometheus text |
+//! | [`config`] | [`ServerConfig`], [`ClientConfig`], FEC and decoder settings |
+//! | [`net`] | THIN SHELL: quinn endpoints, TLS, control framing, [`Server`], [`Client`], `/metrics` |
 //! | [`sim`] | in-process loss, delay, jitter and bandwidth models below QUIC |
 //!
 //! The pure modules never touch tokio, quinn or a clock, and are tested with a
-//! clock the test moves.
+//! clock the test moves. Nothing is spawned behind the caller's back:
+//! [`Server::run`] is a future that owns every connection task, and a
+//! [`Subscription`] does its work while it is polled.
 //!
 //! ## Quick start
 //!
