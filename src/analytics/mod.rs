@@ -55,9 +55,9 @@ pub use aggregator::{
 pub use event::{Input, InputKind, LogRecord};
 pub use metrics::{render, Metric, MetricKind, CONTENT_TYPE};
 pub use policy::{
-    block_failure_probability, LossEstimator, ParityTable, RedundancyPolicy, DEFAULT_CONFIDENCE_Z,
-    DEFAULT_EWMA_WEIGHT, DEFAULT_INITIAL_LOSS, DEFAULT_MAX_RATIO, DEFAULT_MIN_PARITY,
-    DEFAULT_TARGET_RESIDUAL,
+    block_failure_probability, LossEstimator, ParityTable, RedundancyPolicy, RepairPlan,
+    DEFAULT_CONFIDENCE_Z, DEFAULT_EWMA_WEIGHT, DEFAULT_INITIAL_LOSS, DEFAULT_MAX_RATIO,
+    DEFAULT_MIN_PARITY, DEFAULT_TARGET_RESIDUAL, REPAIR_REQUEST_COPIES,
 };
 pub use qoe::{QoeInputs, QoeModel, DEFAULT_LATENCY_TARGET, DEFAULT_STARTUP_TARGET};
 pub use snapshot::{

@@ -191,6 +191,118 @@ impl RedundancyPolicy {
     }
 }
 
+/// Copies of each repair request a receiver sends (see
+/// [`Receiver`](crate::session::Receiver)); the policy counts a request as
+/// lost only when every copy is.
+pub const REPAIR_REQUEST_COPIES: i32 = 3;
+
+/// Largest extra margin of shards a repair answer carries beyond the deficit.
+const MAX_REPAIR_MARGIN: usize = 4;
+
+/// How to protect one code group when repair rounds fit in the viewer's budget:
+/// from [`RedundancyPolicy::plan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RepairPlan {
+    /// Parity shards sent with the group, before any request.
+    pub parity: u8,
+    /// Shards a repair answer carries beyond the viewer's deficit, so that the
+    /// answer survives the path's loss.
+    pub margin: u8,
+}
+
+impl RedundancyPolicy {
+    /// Proactive parity and repair margin for a group of `k` data shards at
+    /// shard loss `loss`, when `rounds` repair rounds fit in the viewer's
+    /// budget (0, 1 or 2).
+    ///
+    /// With `rounds == 0` this is [`parity_for`](Self::parity_for) and no
+    /// margin: only proactive parity can help. Otherwise, with `p` the loss,
+    /// `n = k + m` shards sent proactively and `c` =
+    /// [`REPAIR_REQUEST_COPIES`], a group short by `d` shards is repaired by
+    /// one round unless every copy of the request is lost or more than the
+    /// margin `e` of the `d + e` answer shards are:
+    ///
+    /// ```text
+    /// F(d, e)      = 1 - (1 - p^c) P[Binomial(d + e, p) <= e]
+    /// residual     = sum_{j > m} P[Binomial(n, p) = j] F(j - m, e)^rounds
+    /// cost         = m + sum_{j > m} P[Binomial(n, p) = j] (j - m + e) (1 + [rounds = 2] F(j - m, e))
+    /// ```
+    ///
+    /// It returns the `(m, e)` of least expected `cost` (shards per group, the
+    /// proactive ones plus the expected repair traffic) whose `residual` meets
+    /// [`target_residual`](Self::target_residual), with `m` within the same
+    /// bounds as [`parity_for`](Self::parity_for) and `e <= 4`. So the residual
+    /// target applies to the result after repair, and the proactive parity is
+    /// what repair cannot clean up in time. When no pair meets the target it
+    /// falls back to `parity_for` with a margin of one.
+    pub fn plan(&self, k: usize, loss: f64, rounds: u32) -> RepairPlan {
+        let k = k.min(MAX_SHARDS - 1);
+        let p = sanitize(loss);
+        let fallback = RepairPlan {
+            parity: self.parity_for(k, p) as u8,
+            margin: u8::from(rounds > 0),
+        };
+        if rounds == 0 || k == 0 || p >= 1.0 {
+            return RepairPlan {
+                margin: 0,
+                ..fallback
+            };
+        }
+        let lf = LnFactorials::new();
+        let (lo, hi) = self.bounds(k);
+        let rounds = rounds.min(2) as i32;
+        let request_lost = p.powi(REPAIR_REQUEST_COPIES);
+        let mut best: Option<(f64, RepairPlan)> = None;
+        for e in 0..=MAX_REPAIR_MARGIN {
+            for m in lo..=hi {
+                let n = k + m;
+                let (mut residual, mut repair) = (0.0, 0.0);
+                for j in m + 1..=n {
+                    let pj = pmf(&lf, n, j, p);
+                    let d = j - m;
+                    let f = 1.0 - (1.0 - request_lost) * (1.0 - tail_after(&lf, d + e, e, p));
+                    residual += pj * f.powi(rounds);
+                    let again = if rounds >= 2 { f } else { 0.0 };
+                    repair += pj * (d + e) as f64 * (1.0 + again);
+                    // Past the mean, once terms stop mattering the rest cannot either.
+                    if j as f64 > n as f64 * p && pj < 1e-18 {
+                        break;
+                    }
+                }
+                if residual <= self.target_residual {
+                    let cost = m as f64 + repair;
+                    let plan = RepairPlan {
+                        parity: m as u8,
+                        margin: e as u8,
+                    };
+                    if best.is_none_or(|(c, _)| cost < c) {
+                        best = Some((cost, plan));
+                    }
+                    // More proactive parity only costs more at this margin.
+                    break;
+                }
+            }
+        }
+        best.map_or(fallback, |(_, plan)| plan)
+    }
+}
+
+/// `P[Binomial(n, p) = j]`.
+fn pmf(lf: &LnFactorials, n: usize, j: usize, p: f64) -> f64 {
+    if p <= 0.0 {
+        return if j == 0 { 1.0 } else { 0.0 };
+    }
+    (lf.ln_choose(n, j) + j as f64 * p.ln() + (n - j) as f64 * (-p).ln_1p()).exp()
+}
+
+/// `P[Binomial(n, p) > e]` for `n` shards of which `e` may be lost.
+fn tail_after(lf: &LnFactorials, n: usize, e: usize, p: f64) -> f64 {
+    if e >= n {
+        return 0.0;
+    }
+    tail(lf, n - e, e, p)
+}
+
 /// NaN (no usable estimate) is planned for as the worst case.
 fn sanitize(loss: f64) -> f64 {
     if loss.is_nan() {
@@ -433,6 +545,46 @@ mod tests {
                 (lf.ln_choose(n, i) + i as f64 * p.ln() + (n - i) as f64 * (1.0 - p).ln()).exp()
             })
             .sum()
+    }
+
+    /// The table the policy documents: k = 20 at 5% loss, parity per group and
+    /// the repair margin, without a repair round and with one or two.
+    #[test]
+    fn repair_rounds_lower_proactive_parity() {
+        let policy = RedundancyPolicy::default();
+        let none = policy.plan(20, 0.05, 0);
+        let one = policy.plan(20, 0.05, 1);
+        let two = policy.plan(20, 0.05, 2);
+        println!("k=20 p=5%: no round {none:?}, one round {one:?}, two rounds {two:?}");
+        assert_eq!(none.parity as usize, policy.parity_for(20, 0.05));
+        assert_eq!(none.margin, 0);
+        assert_eq!(none.parity, 7, "binomial: P[B(27, 5%) > 7] <= 1e-4");
+        assert!(one.parity <= 2 && one.margin >= 1, "{one:?}");
+        assert!(two.parity <= one.parity, "{two:?} vs {one:?}");
+        // Each plan meets the residual target it claims, checked by brute force.
+        let lf = LnFactorials::new();
+        for (plan, rounds) in [(one, 1), (two, 2)] {
+            let (m, e) = (usize::from(plan.parity), usize::from(plan.margin));
+            let p: f64 = 0.05;
+            let residual: f64 = (m + 1..=20 + m)
+                .map(|j| {
+                    let f = 1.0
+                        - (1.0 - p.powi(REPAIR_REQUEST_COPIES))
+                            * (1.0 - tail_after(&lf, j - m + e, e, p));
+                    pmf(&lf, 20 + m, j, p) * f.powi(rounds)
+                })
+                .sum();
+            assert!(residual <= 1e-4, "{plan:?} residual {residual}");
+        }
+        // Heavier loss needs more of both; a clean path needs only the floor.
+        let heavy = policy.plan(20, 0.10, 1);
+        assert!(heavy.parity >= one.parity, "{heavy:?}");
+        assert_eq!(policy.plan(20, 0.0, 1).parity, DEFAULT_MIN_PARITY);
+        // A path too lossy for any plan falls back to proactive parity.
+        assert_eq!(
+            policy.plan(20, 0.6, 1).parity as usize,
+            policy.parity_for(20, 0.6)
+        );
     }
 
     #[test]

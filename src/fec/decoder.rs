@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::codec::CodecCache;
 use super::{data_shards_for, group_span, DecoderConfig, MAX_BLOCK_LEN, MAX_GROUP_DATA_SHARDS};
-use crate::wire::{Flags, ShardHeader, MAX_SHARDS};
+use crate::wire::{Flags, ShardHeader, ShardSet, MAX_SHARDS};
 
 /// Bytes charged per held shard on top of its payload: the bookkeeping entry
 /// and the datagram header its [`Bytes`] keeps alive. Keeps tiny shards from
@@ -293,6 +293,32 @@ impl Decoder {
     #[must_use]
     pub fn poll_outcome(&mut self) -> Option<Outcome> {
         self.outcomes.pop_front()
+    }
+
+    /// What block `seq` still lacks, for a repair request: every code group of
+    /// it holding fewer than `k` shards, with the indices it holds. `None` when
+    /// the block is not pending (finished, lost, or outside the window).
+    ///
+    /// A block of which no shard arrived yet (a placeholder) reports one
+    /// entry, group 0 with nothing held, since its group count is unknown.
+    pub fn shortfall(&self, seq: u64, out: &mut Vec<(u8, ShardSet)>) -> Option<()> {
+        out.clear();
+        let i = usize::try_from(seq.checked_sub(self.base?)?).ok()?;
+        let slot = self.slots.get(i)?;
+        if slot.state != State::Pending {
+            return None;
+        }
+        if slot.meta.is_none() {
+            out.push((0, ShardSet::default()));
+            return Some(());
+        }
+        for (g, group) in slot.groups.iter().enumerate() {
+            if !group.ready() {
+                // At most 255 groups, as `Split::of` checked.
+                out.push((g as u8, ShardSet(group.seen)));
+            }
+        }
+        Some(())
     }
 
     fn insert_inner(&mut self, h: &ShardHeader, payload: Bytes, deadline: Instant) -> Insert {

@@ -162,6 +162,7 @@ async fn open(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<Link,
         stream: config.stream.clone(),
         token: config.token.clone(),
         agent: config.agent.clone(),
+        latency_ms: (config.latency.as_millis() as u64).clamp(1, wire::MAX_LATENCY_MS),
     };
     if let Err(e) = control::write(&mut send, &hello).await {
         return Err(write_error(&conn, e));

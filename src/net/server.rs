@@ -681,6 +681,7 @@ async fn serve(shared: &Shared, incoming: quinn::Incoming) -> Result<(), ConnEnd
         stream,
         token,
         agent,
+        latency_ms,
     } = hello
     else {
         shared.counters.control_errors.fetch_add(1, Relaxed);

@@ -10,8 +10,12 @@ use hdrhistogram::Histogram;
 
 use super::stats::{new_histogram, ReceiverStats};
 use crate::{
+    analytics::REPAIR_REQUEST_COPIES,
     fec::{BlockResult, Decoder, DecoderConfig, Insert},
-    wire::{Flags, Report, ShardHeader, MAX_VARINT},
+    wire::{
+        encode_repair, Flags, RepairEntry, Report, ShardHeader, ShardSet, MAX_REPAIR_ATTEMPTS,
+        MAX_REPAIR_ENTRIES, MAX_VARINT,
+    },
 };
 
 /// What a viewer's application receives, in sequence order.
@@ -54,6 +58,15 @@ pub enum Event {
 /// Default gap in delivery after which a viewer counts as stalled.
 pub const DEFAULT_STALL_AFTER: Duration = Duration::from_millis(500);
 
+/// Default [`ReceiverConfig::repair_delay`].
+pub const DEFAULT_REPAIR_DELAY: Duration = Duration::from_millis(4);
+
+/// Time between the copies of one repair request.
+const REPAIR_COPY_SPACING: Duration = Duration::from_millis(2);
+
+/// Repair datagrams waiting to be sent, at most; older ones are dropped.
+const MAX_OUTGOING_REPAIRS: usize = 64;
+
 /// Settings of a [`Receiver`].
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
@@ -61,6 +74,8 @@ pub struct ReceiverConfig {
     latency: Duration,
     decoder: DecoderConfig,
     stall_after: Duration,
+    repair: bool,
+    repair_delay: Duration,
 }
 
 impl ReceiverConfig {
@@ -71,7 +86,27 @@ impl ReceiverConfig {
             latency,
             decoder: DecoderConfig::default(),
             stall_after: DEFAULT_STALL_AFTER,
+            repair: true,
+            repair_delay: DEFAULT_REPAIR_DELAY,
         }
+    }
+
+    /// Whether to ask the sender for repair of short code groups. Default on.
+    pub fn repair(&mut self, on: bool) -> &mut Self {
+        self.repair = on;
+        self
+    }
+
+    /// How long after a block's latest shard the receiver waits before it
+    /// asks for what the block lacks (its reordering allowance). Default
+    /// [`DEFAULT_REPAIR_DELAY`], 4 ms.
+    ///
+    /// Shorter asks sooner, leaving more of the budget for the answer, but
+    /// asks for shards that were only reordered or still on their way (the
+    /// sender subtracts what it has not sent yet, so that costs little).
+    pub fn repair_delay(&mut self, t: Duration) -> &mut Self {
+        self.repair_delay = t;
+        self
     }
 
     /// How long without a delivered block counts as a stall. Default
@@ -160,6 +195,26 @@ pub struct Receiver {
     stall: Option<Instant>,
     stall_changes: VecDeque<bool>,
     highest_seq: Option<u64>,
+    rtt: Option<Duration>,
+    /// Blocks that may need repair, by sequence number; never more than the
+    /// decoder window.
+    asks: BTreeMap<u64, Ask>,
+    outgoing: VecDeque<Bytes>,
+    shortfall: Vec<(u8, ShardSet)>,
+}
+
+/// Repair state of one unfinished block.
+#[derive(Debug, Clone)]
+struct Ask {
+    deadline: Instant,
+    /// When to look at the block next: after its latest shard plus the
+    /// repair delay, or after an answer should have arrived.
+    check_at: Instant,
+    attempts: u8,
+    /// The request of the latest attempt, resent in copies.
+    entries: Vec<RepairEntry>,
+    copies_left: u8,
+    next_copy: Instant,
 }
 
 impl Receiver {
@@ -185,7 +240,28 @@ impl Receiver {
             stall: None,
             stall_changes: VecDeque::new(),
             highest_seq: None,
+            rtt: None,
+            asks: BTreeMap::new(),
+            outgoing: VecDeque::new(),
+            shortfall: Vec::new(),
         }
+    }
+
+    /// The path's smoothed RTT (from quinn), which decides whether a repair
+    /// answer can still arrive before a block's deadline. Until it is known
+    /// the receiver asks for nothing.
+    pub fn set_rtt(&mut self, rtt: Duration) {
+        self.rtt = Some(rtt);
+    }
+
+    /// The next repair request datagram to send, if any.
+    ///
+    /// Each request goes out in [`REPAIR_REQUEST_COPIES`] copies a couple of
+    /// milliseconds apart, since any one may be lost; the sender answers each
+    /// attempt once. Call after every `handle_*` call until it returns `None`.
+    #[must_use]
+    pub fn poll_repair(&mut self) -> Option<Bytes> {
+        self.outgoing.pop_front()
     }
 
     /// Starts over on a new connection (a reconnect): stream `stream_id`,
@@ -207,6 +283,8 @@ impl Receiver {
         self.ended = false;
         self.newest_ts = 0;
         self.events.clear();
+        self.asks.clear();
+        self.outgoing.clear();
         self.set_clock(sender_us, at);
     }
 
@@ -273,6 +351,7 @@ impl Receiver {
         }
         match verdict {
             Insert::Accepted => {
+                self.note_shard(header.seq, now, deadline);
                 self.newest_ts = self.newest_ts.max(ts);
                 self.highest_seq = Some(self.highest_seq.map_or(header.seq, |h| h.max(header.seq)));
                 self.next_seq.get_or_insert(header.seq);
@@ -304,6 +383,7 @@ impl Receiver {
         } else {
             self.release(now, None);
         }
+        self.ask_repairs(now);
         if self.end_deadline.is_some_and(|d| d <= now) {
             // Blocks at the end of the stream of which no shard ever came;
             // the decoder's verdicts on the blocks it holds are in `ready`.
@@ -322,10 +402,26 @@ impl Receiver {
             (Some(last), None, false) => Some(last + self.config.stall_after),
             _ => None,
         };
-        [self.decoder.poll_timeout(), self.end_deadline, stall]
-            .into_iter()
-            .flatten()
-            .min()
+        let repair = self
+            .asks
+            .values()
+            .map(|a| {
+                if a.copies_left > 0 {
+                    a.next_copy.min(a.check_at)
+                } else {
+                    a.check_at
+                }
+            })
+            .min();
+        [
+            self.decoder.poll_timeout(),
+            self.end_deadline,
+            stall,
+            repair,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The next event in sequence order, if any is ready.
@@ -417,12 +513,119 @@ impl Receiver {
         report
     }
 
+    /// A shard of block `seq`, due by `deadline`, arrived at `now`: the
+    /// block (and any block skipped to reach it, never seen) is looked at
+    /// again one repair delay from now.
+    fn note_shard(&mut self, seq: u64, now: Instant, deadline: Instant) {
+        if !self.config.repair {
+            return;
+        }
+        let check_at = now + self.config.repair_delay;
+        let window = self.config.decoder.window() as u64;
+        let from = match self.highest_seq {
+            // Blocks between the highest seen and this one: nothing of them
+            // arrived, they may be wholly lost.
+            Some(high) if seq > high => (high + 1).max(seq.saturating_sub(window - 1)),
+            _ => seq,
+        };
+        for s in from..=seq {
+            let ask = self.asks.entry(s).or_insert_with(|| Ask {
+                deadline,
+                check_at,
+                attempts: 0,
+                entries: Vec::new(),
+                copies_left: 0,
+                next_copy: check_at,
+            });
+            if ask.attempts == 0 {
+                ask.check_at = check_at;
+            }
+        }
+        // Bounded by the window: the oldest cannot be in the decoder anymore.
+        while self.asks.len() > self.config.decoder.window() {
+            self.asks.pop_first();
+        }
+    }
+
+    /// Sends what is due: first requests for blocks quiet for a repair delay
+    /// and still short, repeats for those whose answer did not complete them,
+    /// and the copies of both.
+    fn ask_repairs(&mut self, now: Instant) {
+        let Some(rtt) = self.rtt else {
+            return;
+        };
+        // An answer takes a round trip plus its own spread.
+        let answer_time = rtt + self.config.repair_delay;
+        let mut batch: Vec<RepairEntry> = Vec::new();
+        let mut done = Vec::new();
+        for (&seq, ask) in self.asks.iter_mut() {
+            if ask.check_at <= now {
+                let short = self.decoder.shortfall(seq, &mut self.shortfall).is_some()
+                    && !self.shortfall.is_empty();
+                if !short {
+                    done.push(seq);
+                    continue;
+                }
+                if ask.attempts >= MAX_REPAIR_ATTEMPTS {
+                    ask.check_at = ask.deadline;
+                    ask.copies_left = 0;
+                } else if now + answer_time > ask.deadline {
+                    self.stats.repairs_too_late += 1;
+                    done.push(seq);
+                    continue;
+                } else {
+                    let attempt = ask.attempts;
+                    ask.attempts += 1;
+                    ask.entries.clear();
+                    ask.entries
+                        .extend(self.shortfall.iter().map(|&(group, seen)| RepairEntry {
+                            seq,
+                            group,
+                            attempt,
+                            seen,
+                        }));
+                    self.stats.repairs_asked += ask.entries.len() as u64;
+                    ask.copies_left = REPAIR_REQUEST_COPIES as u8;
+                    ask.next_copy = now;
+                    ask.check_at = now + answer_time + REPAIR_COPY_SPACING;
+                }
+            }
+            if ask.copies_left > 0 && ask.next_copy <= now {
+                ask.copies_left -= 1;
+                ask.next_copy = now + REPAIR_COPY_SPACING;
+                batch.extend_from_slice(&ask.entries);
+            }
+        }
+        for seq in done {
+            self.asks.remove(&seq);
+        }
+        for chunk in batch.chunks(MAX_REPAIR_ENTRIES) {
+            let mut buf = Vec::with_capacity(3 + chunk.len() * 12);
+            if encode_repair(chunk, &mut buf).is_ok() {
+                if self.outgoing.len() >= MAX_OUTGOING_REPAIRS {
+                    self.outgoing.pop_front();
+                }
+                self.stats.repair_datagrams += 1;
+                self.outgoing.push_back(Bytes::from(buf));
+            }
+        }
+    }
+
     fn drain(&mut self, now: Instant, clock: Clock) {
         while let Some(out) = self.decoder.poll_outcome() {
             if let BlockResult::Late { .. } = out.result {
                 // Always about a block already released as lost.
                 self.stats.blocks_late += 1;
                 continue;
+            }
+            if let Some(ask) = self.asks.remove(&out.seq) {
+                let delivered = matches!(
+                    out.result,
+                    BlockResult::Complete(_) | BlockResult::Recovered { .. }
+                );
+                if delivered && ask.attempts > 0 {
+                    self.stats.blocks_repaired += 1;
+                }
             }
             if self.next_seq.is_some_and(|next| out.seq < next) {
                 continue; // already released; nothing more to say

@@ -57,6 +57,16 @@ pub struct ReceiverStats {
     pub stalls: u64,
     /// Time spent stalled, in finished stalls.
     pub stalled: Duration,
+    /// Repair requests made: one per code group and attempt (each sent in
+    /// several copies).
+    pub repairs_asked: u64,
+    /// Repair datagrams sent, copies included.
+    pub repair_datagrams: u64,
+    /// Short blocks not asked for because an answer could no longer arrive
+    /// before their deadline.
+    pub repairs_too_late: u64,
+    /// Blocks delivered in time after a repair request for them.
+    pub blocks_repaired: u64,
     latency: Histogram<u64>,
 }
 
@@ -80,6 +90,10 @@ impl Default for ReceiverStats {
             wrong_stream: 0,
             stalls: 0,
             stalled: Duration::ZERO,
+            repairs_asked: 0,
+            repair_datagrams: 0,
+            repairs_too_late: 0,
+            blocks_repaired: 0,
             latency: new_histogram(),
         }
     }

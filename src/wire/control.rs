@@ -22,6 +22,8 @@ pub const MAX_CONTROL_FRAME: usize = 16 * 1024;
 pub const MAX_STRING_LEN: usize = 256;
 /// Longest access token.
 pub const MAX_TOKEN_LEN: usize = 512;
+/// Largest latency budget a Hello may carry: one minute.
+pub const MAX_LATENCY_MS: u64 = 60_000;
 
 /// A viewer's periodic receiver statistics. Counters are cumulative since the
 /// viewer joined, so a lost or reordered report loses no information.
@@ -96,6 +98,11 @@ pub enum ControlMessage {
         token: Bytes,
         /// Free-form client agent, e.g. `quicast-client/0.1`.
         agent: String,
+        /// The viewer's latency budget, milliseconds (1..=[`MAX_LATENCY_MS`]):
+        /// a block is useful to it until its sender timestamp plus this. The
+        /// sender never sends what can no longer arrive in time, and sizes
+        /// proactive parity and repair from it.
+        latency_ms: u64,
     },
     /// server → viewer: accepted; how to read the datagrams.
     Welcome {
@@ -335,6 +342,7 @@ impl Encode for ControlMessage {
                 stream,
                 token,
                 agent,
+                latency_ms,
             } => {
                 buf.put_u8(ty::HELLO);
                 buf.put_u8(*version);
@@ -343,6 +351,7 @@ impl Encode for ControlMessage {
                 VarInt::write(token.len() as u64, buf);
                 buf.put_slice(token);
                 put_str(agent, buf);
+                VarInt::write((*latency_ms).min(MAX_LATENCY_MS), buf);
             }
             ControlMessage::Welcome {
                 stream_id,
@@ -391,12 +400,36 @@ impl Encode for ControlMessage {
 impl Decode for ControlMessage {
     fn decode<B: Buf>(buf: &mut B) -> Result<Self, DecodeError> {
         Ok(match get_u8(buf)? {
-            ty::HELLO => ControlMessage::Hello {
-                version: get_u8(buf)?,
-                stream: get_str(buf, "stream name")?,
-                token: get_bytes(buf, MAX_TOKEN_LEN, "token")?,
-                agent: get_str(buf, "agent")?,
-            },
+            ty::HELLO => {
+                let version = get_u8(buf)?;
+                if version != super::VERSION {
+                    // Another version's Hello may be laid out differently: keep
+                    // only its version, so the server can answer with a clean
+                    // `unsupported_version` instead of a decode error.
+                    buf.advance(buf.remaining());
+                    return Ok(ControlMessage::Hello {
+                        version,
+                        stream: String::new(),
+                        token: Bytes::new(),
+                        agent: String::new(),
+                        latency_ms: 0,
+                    });
+                }
+                let stream = get_str(buf, "stream name")?;
+                let token = get_bytes(buf, MAX_TOKEN_LEN, "token")?;
+                let agent = get_str(buf, "agent")?;
+                let latency_ms = VarInt::read(buf)?;
+                if !(1..=MAX_LATENCY_MS).contains(&latency_ms) {
+                    return Err(DecodeError::Invalid("latency budget"));
+                }
+                ControlMessage::Hello {
+                    version,
+                    stream,
+                    token,
+                    agent,
+                    latency_ms,
+                }
+            }
             ty::WELCOME => ControlMessage::Welcome {
                 stream_id: u32::try_from(VarInt::read(buf)?)
                     .map_err(|_| DecodeError::Invalid("stream id"))?,
@@ -436,10 +469,11 @@ mod tests {
     fn samples() -> Vec<ControlMessage> {
         vec![
             ControlMessage::Hello {
-                version: 1,
+                version: crate::wire::VERSION,
                 stream: "live".into(),
                 token: Bytes::from_static(b"s3cret"),
                 agent: "quicast-test".into(),
+                latency_ms: 200,
             },
             ControlMessage::Welcome {
                 stream_id: 7,

@@ -1,4 +1,5 @@
-//! Byte layouts: the datagram [`ShardHeader`] and the control-stream messages.
+//! Byte layouts: the datagram [`ShardHeader`], the viewer's repair datagram and
+//! the control-stream messages.
 //!
 //! PURE: no I/O, no clock. Every decoder reads the version first, checks
 //! [`bytes::Buf::remaining`] before each read, bounds every length it is given
@@ -7,13 +8,19 @@
 
 mod control;
 mod header;
+mod repair;
 mod varint;
 
 pub use control::{
-    ClientEvent, ControlMessage, Report, Summary, MAX_CONTROL_FRAME, MAX_STRING_LEN, MAX_TOKEN_LEN,
+    ClientEvent, ControlMessage, Report, Summary, MAX_CONTROL_FRAME, MAX_LATENCY_MS,
+    MAX_STRING_LEN, MAX_TOKEN_LEN,
 };
 pub use header::{
     data_shards_for, group_span, Flags, ShardHeader, MAX_BLOCK_LEN, MAX_HEADER_LEN, MAX_SHARDS,
+};
+pub use repair::{
+    decode_repair, encode_repair, RepairEncodeError, RepairEntry, ShardSet, MAX_REPAIR_ATTEMPTS,
+    MAX_REPAIR_ENTRIES,
 };
 pub use varint::{VarInt, MAX_VARINT};
 
@@ -21,7 +28,7 @@ pub use varint::{VarInt, MAX_VARINT};
 ///
 /// A receiver drops datagrams and rejects Hellos of any other version; see
 /// PROTOCOL.md for the rules.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// Why bytes from the network could not be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

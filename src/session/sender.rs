@@ -1,0 +1,1031 @@
+//! The sending side of one viewer: which shards go now, which on request, what
+//! has expired, and the accounting.
+
+use std::{
+    collections::VecDeque,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+
+use crate::{
+    analytics::{RedundancyPolicy, RepairPlan},
+    config::Parity,
+    fec::EncodedBlock,
+    wire::{RepairEntry, MAX_REPAIR_ATTEMPTS, MAX_SHARDS},
+};
+
+/// Default for [`SenderConfig::repair_delay`]; matches the receiver's
+/// [`DEFAULT_REPAIR_DELAY`](super::DEFAULT_REPAIR_DELAY).
+const ASSUMED_REPAIR_DELAY: Duration = super::DEFAULT_REPAIR_DELAY;
+
+/// Default [`SenderConfig::pacing_gain`].
+pub const DEFAULT_PACING_GAIN: f64 = 2.0;
+/// Default [`SenderConfig::burst`].
+pub const DEFAULT_BURST: usize = 64 * 1024;
+/// Default [`SenderConfig::repair_spacing`].
+pub const DEFAULT_REPAIR_SPACING: Duration = Duration::from_micros(500);
+/// Default [`SenderConfig::max_queue`].
+pub const DEFAULT_MAX_QUEUE: usize = 4 << 20;
+/// Default [`SenderConfig::startup_loss`].
+pub const DEFAULT_STARTUP_LOSS: f64 = 0.1;
+/// How long after joining the startup loss is a floor under the estimate.
+const STARTUP: Duration = Duration::from_secs(2);
+
+/// Lowest pacing rate, bytes per second, whatever the stream's measured rate:
+/// a new or very slow stream is not held back by its own history.
+const MIN_PACE: f64 = 250_000.0;
+/// The rate estimate is refreshed over windows of this length.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// A shard waiting in the queue for longer than this, or one expiring there,
+/// marks the path congested...
+const CONGESTED_BACKLOG: Duration = Duration::from_millis(100);
+/// ...until neither has happened for this long.
+const CONGESTION_CLEAR: Duration = Duration::from_secs(1);
+/// How long a space-blocked sender waits before it looks at quinn's buffer again.
+const SPACE_RETRY: Duration = Duration::from_millis(1);
+/// Most blocks kept for repair, whatever their deadlines.
+const MAX_RETAINED: usize = 1024;
+
+/// Settings of a [`Sender`]: one viewer's budget and the server's sending rules.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    latency: Duration,
+    parity: Parity,
+    repair: bool,
+    policy: RedundancyPolicy,
+    repair_delay: Duration,
+    repair_spacing: Duration,
+    pacing_gain: f64,
+    burst: usize,
+    max_queue: usize,
+    startup_loss: f64,
+}
+
+impl SenderConfig {
+    /// A sender for a viewer whose latency budget is `latency` (from its Hello).
+    pub fn new(latency: Duration) -> Self {
+        SenderConfig {
+            latency,
+            parity: Parity::Adaptive,
+            repair: true,
+            policy: RedundancyPolicy::default(),
+            repair_delay: ASSUMED_REPAIR_DELAY,
+            repair_spacing: DEFAULT_REPAIR_SPACING,
+            pacing_gain: DEFAULT_PACING_GAIN,
+            burst: DEFAULT_BURST,
+            max_queue: DEFAULT_MAX_QUEUE,
+            startup_loss: DEFAULT_STARTUP_LOSS,
+        }
+    }
+
+    /// The viewer's latency budget.
+    pub fn latency(&self) -> Duration {
+        self.latency
+    }
+
+    /// How much parity is sent up front. Default [`Parity::Adaptive`]: from the
+    /// viewer's loss, its RTT and its budget (see [`RedundancyPolicy::plan`]).
+    pub fn parity(&mut self, parity: Parity) -> &mut Self {
+        self.parity = parity;
+        self
+    }
+
+    /// Whether repair requests are answered. Default on. Off leaves only
+    /// proactive parity, whatever the budget.
+    pub fn repair(&mut self, on: bool) -> &mut Self {
+        self.repair = on;
+        self
+    }
+
+    /// The policy that turns loss into parity. Default
+    /// [`RedundancyPolicy::default`]; the server caps its ratio at what was
+    /// encoded.
+    pub fn policy(&mut self, policy: RedundancyPolicy) -> &mut Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How long the viewer waits after a block's last shard before it asks
+    /// for repair (its reordering allowance). Default the receiver's default,
+    /// 4 ms. Only used to judge whether a repair round fits in the budget.
+    pub fn repair_delay(&mut self, t: Duration) -> &mut Self {
+        self.repair_delay = t;
+        self
+    }
+
+    /// Least time between two repair shards to one viewer. Default 0.5 ms.
+    ///
+    /// Interleaves an answer with the stream, so one loss burst does not take
+    /// the whole answer; each shard of an answer adds this much to the time a
+    /// repair takes.
+    pub fn repair_spacing(&mut self, t: Duration) -> &mut Self {
+        self.repair_spacing = t;
+        self
+    }
+
+    /// Pacing rate as a multiple of the stream's measured rate (default 2.0,
+    /// at least 1.0).
+    ///
+    /// A block up to [`burst`](Self::burst) bytes leaves at once; the rest of
+    /// a larger block leaves at this multiple of the stream's rate, so a block
+    /// twice the average size takes about one block interval. Higher sends
+    /// large blocks sooner but in harder bursts.
+    pub fn pacing_gain(&mut self, gain: f64) -> &mut Self {
+        self.pacing_gain = gain.max(1.0);
+        self
+    }
+
+    /// Bytes that may leave back to back before pacing applies (default 64 KiB).
+    pub fn burst(&mut self, bytes: usize) -> &mut Self {
+        self.burst = bytes.max(1500);
+        self
+    }
+
+    /// Most datagram bytes waiting in the sender (default 4 MiB). Past it the
+    /// oldest waiting shards are dropped, counted as expired.
+    pub fn max_queue(&mut self, bytes: usize) -> &mut Self {
+        self.max_queue = bytes;
+        self
+    }
+
+    /// Loss planned for during a viewer's first two seconds, before its
+    /// reports have said much (default 0.1, range 0..=0.5). The estimate from
+    /// the first reports never lowers protection below this in that time.
+    pub fn startup_loss(&mut self, loss: f64) -> &mut Self {
+        self.startup_loss = loss.clamp(0.0, 0.5);
+        self
+    }
+}
+
+/// Counters of one [`Sender`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct SenderStats {
+    /// Blocks taken for sending.
+    pub blocks: u64,
+    /// Datagrams handed out by [`Sender::poll_transmit`], repairs included.
+    pub datagrams: u64,
+    /// Bytes of those datagrams.
+    pub bytes: u64,
+    /// Parity shards sent up front.
+    pub parity_sent: u64,
+    /// Shards dropped unsent because their block could no longer reach the
+    /// viewer in time, or the queue was over its bound.
+    pub expired: u64,
+    /// Repair entries received (one per code group and attempt).
+    pub repairs_asked: u64,
+    /// Entries answered with at least one shard.
+    pub repairs_answered: u64,
+    /// Entries not answered because the answer could no longer arrive in time
+    /// or the block was no longer kept.
+    pub repairs_expired: u64,
+    /// Entries needing nothing: the group's missing shards were still queued,
+    /// or the same attempt was answered before (a repeated copy).
+    pub repairs_unneeded: u64,
+    /// Shards sent as repair answers.
+    pub repair_shards: u64,
+    /// Times the path was found unable to carry the stream.
+    pub congestion_events: u64,
+}
+
+#[derive(Debug)]
+struct Queued {
+    datagram: Bytes,
+    /// When it was queued.
+    at: Instant,
+    /// Past this the shard cannot reach the viewer by its block's deadline.
+    leave_by: Instant,
+    seq: u64,
+    group: u8,
+}
+
+#[derive(Debug)]
+struct Retained {
+    block: Arc<EncodedBlock>,
+    /// When the viewer gives the block up, in the sender's clock.
+    deadline: Instant,
+    groups: Vec<GroupSent>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct GroupSent {
+    /// Parity shards handed out or queued: always a prefix of the encoded ones.
+    parity_used: u8,
+    /// Shards of the group still waiting in the sender's queues.
+    queued: u16,
+    /// Attempts answered, as a bit set.
+    answered: u8,
+}
+
+/// PURE sending state machine of one viewer.
+///
+/// Takes each encoded block ([`push_block`](Self::push_block)), decides how
+/// much parity goes with it from the viewer's loss, RTT and budget, queues the
+/// shards interleaved across the block's code groups, and hands them out
+/// paced ([`poll_transmit`](Self::poll_transmit)) as long as they can still
+/// arrive in time. It keeps recent blocks (bounded by their deadline, a count
+/// and the queue bound) and answers repair requests
+/// ([`handle_repair`](Self::handle_repair)) with parity the viewer was not
+/// sent, then with the data shards it lacks, ahead of new shards, but only
+/// while the answer can arrive in time.
+///
+/// Like the [`Receiver`](super::Receiver), it reads no clock and does no I/O:
+/// the caller passes `now`, the RTT ([`set_rtt`](Self::set_rtt)), the loss
+/// estimate ([`set_loss`](Self::set_loss)) and how much quinn can take.
+#[derive(Debug)]
+pub struct Sender {
+    config: SenderConfig,
+    joined: Option<Instant>,
+    queue: VecDeque<Queued>,
+    repairs: VecDeque<Queued>,
+    queued_bytes: usize,
+    retained: VecDeque<Retained>,
+    rtt: Duration,
+    loss: Option<f64>,
+    /// Plans by `k`, for the current loss and round count.
+    plans: Vec<Option<RepairPlan>>,
+    plan_key: (u64, u32, bool),
+    rate: f64,
+    window: Option<(Instant, u64)>,
+    tokens: f64,
+    tokens_at: Option<Instant>,
+    next_repair: Option<Instant>,
+    space_blocked: bool,
+    congested: bool,
+    congestion_seen: Option<Instant>,
+    stats: SenderStats,
+}
+
+impl Sender {
+    /// A sender with nothing queued. `rtt` is the first RTT sample (from the
+    /// handshake).
+    pub fn new(config: SenderConfig, rtt: Duration) -> Self {
+        Sender {
+            tokens: config.burst as f64,
+            config,
+            joined: None,
+            queue: VecDeque::new(),
+            repairs: VecDeque::new(),
+            queued_bytes: 0,
+            retained: VecDeque::new(),
+            rtt,
+            loss: None,
+            plans: vec![None; MAX_SHARDS],
+            plan_key: (0, 0, false),
+            rate: 0.0,
+            window: None,
+            tokens_at: None,
+            next_repair: None,
+            space_blocked: false,
+            congested: false,
+            congestion_seen: None,
+            stats: SenderStats::default(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SenderConfig {
+        &self.config
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> SenderStats {
+        self.stats
+    }
+
+    /// Whether the path cannot carry the stream right now: a shard has waited
+    /// in the queue for more than 100 ms, or shards expired in it, within the
+    /// last second. While it is, no parity beyond the policy's floor is sent up front.
+    pub fn is_congested(&self) -> bool {
+        self.congested
+    }
+
+    /// Datagram bytes waiting in the sender.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// The stream's rate as measured from the blocks pushed, bytes per second.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// The path's smoothed RTT, from quinn.
+    pub fn set_rtt(&mut self, rtt: Duration) {
+        self.rtt = rtt;
+    }
+
+    /// The shard loss to plan parity for (an upper estimate from the
+    /// viewer's reports), or `None` before the first estimate.
+    pub fn set_loss(&mut self, loss: Option<f64>) {
+        self.loss = loss.map(|l| if l.is_nan() { 1.0 } else { l.clamp(0.0, 1.0) });
+    }
+
+    /// Repair rounds that fit in the budget: a block's shards leave, reach the
+    /// viewer (half the RTT), it waits its reordering allowance, asks, and the
+    /// answer comes back a round trip later, spread over a few shards.
+    pub fn repair_rounds(&self) -> u32 {
+        if !self.config.repair {
+            return 0;
+        }
+        let answer = self.config.repair_spacing * 4;
+        let span = self.send_span();
+        let round = self.config.repair_delay + self.rtt + answer;
+        let first = self.rtt / 2 + span + round;
+        if self.config.latency < first {
+            0
+        } else if self.config.latency < first + round {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// How long a typical block takes to leave, from the pacing rate.
+    fn send_span(&self) -> Duration {
+        let typical = self.retained.back().map_or(0, |r| r.block.wire_bytes(0));
+        let beyond = typical.saturating_sub(self.config.burst) as f64;
+        Duration::from_secs_f64(beyond / self.pace_rate())
+    }
+
+    fn pace_rate(&self) -> f64 {
+        (self.rate * self.config.pacing_gain).max(MIN_PACE)
+    }
+
+    /// The loss parity is planned for at `now`.
+    fn planned_loss(&self, now: Instant) -> Option<f64> {
+        let young = self
+            .joined
+            .is_none_or(|j| now.saturating_duration_since(j) < STARTUP);
+        match self.loss {
+            Some(l) if young => Some(l.max(self.config.startup_loss)),
+            Some(l) => Some(l),
+            None => None,
+        }
+    }
+
+    /// The plan for groups of `k` data shards encoded with `m` parity.
+    fn plan(&mut self, now: Instant, k: usize, m: usize) -> RepairPlan {
+        let rounds = self.repair_rounds();
+        let repair = self.config.repair && rounds > 0;
+        let plan = match self.config.parity {
+            Parity::All => RepairPlan {
+                parity: m as u8,
+                margin: u8::from(repair),
+            },
+            Parity::Fixed(n) => RepairPlan {
+                parity: n.min(m) as u8,
+                margin: u8::from(repair),
+            },
+            Parity::Adaptive => {
+                let loss = self.planned_loss(now);
+                let key = (loss.map_or(u64::MAX, f64::to_bits), rounds, self.congested);
+                if key != self.plan_key {
+                    self.plans.iter_mut().for_each(|p| *p = None);
+                    self.plan_key = key;
+                }
+                let k = k.min(MAX_SHARDS - 1);
+                let congested = self.congested;
+                let policy = &self.config.policy;
+                *self.plans[k].get_or_insert_with(|| match loss {
+                    // Before any estimate: everything encoded, unless repair can help.
+                    None if !repair => RepairPlan {
+                        parity: m as u8,
+                        margin: 0,
+                    },
+                    None => policy.plan(k, self.config.startup_loss, rounds),
+                    Some(_) if congested => RepairPlan {
+                        parity: policy.plan(k, 0.0, 0).parity,
+                        margin: 0,
+                    },
+                    Some(l) => policy.plan(k, l, rounds),
+                })
+            }
+        };
+        RepairPlan {
+            parity: plan.parity.min(m as u8),
+            margin: if repair { plan.margin } else { 0 },
+        }
+    }
+
+    /// Queues block `block`, published at `at` (the instant its timestamp
+    /// stands for), with the parity its groups need.
+    ///
+    /// Shards are queued round-robin across the block's code groups, so a
+    /// burst of losses is spread over the groups instead of emptying one.
+    pub fn push_block(&mut self, now: Instant, block: Arc<EncodedBlock>, at: Instant) {
+        self.joined.get_or_insert(now);
+        self.measure_rate(now, block.wire_bytes(0));
+        self.stats.blocks += 1;
+        let deadline = at + self.config.latency;
+        let leave_by = self.leave_by(deadline);
+        let mut groups = Vec::with_capacity(block.groups().len());
+        let mut cursors: Vec<(&[Bytes], usize)> = Vec::with_capacity(groups.capacity());
+        for (k, m, datagrams) in block.groups() {
+            let plan = self.plan(now, k, m);
+            let parity = usize::from(plan.parity);
+            self.stats.parity_sent += parity as u64;
+            groups.push(GroupSent {
+                parity_used: plan.parity,
+                queued: (k + parity) as u16,
+                answered: 0,
+            });
+            cursors.push((&datagrams[..k + parity], 0));
+        }
+        let seq = block.seq();
+        let mut left = true;
+        while left {
+            left = false;
+            for (g, (datagrams, next)) in cursors.iter_mut().enumerate() {
+                if let Some(d) = datagrams.get(*next) {
+                    *next += 1;
+                    left = true;
+                    self.queued_bytes += d.len();
+                    self.queue.push_back(Queued {
+                        datagram: d.clone(),
+                        at: now,
+                        leave_by,
+                        seq,
+                        group: g as u8,
+                    });
+                }
+            }
+        }
+        self.retained.push_back(Retained {
+            block,
+            deadline,
+            groups,
+        });
+        self.enforce_bounds(now);
+    }
+
+    /// The latest a shard of a block due at the viewer by `deadline` may leave.
+    fn leave_by(&self, deadline: Instant) -> Instant {
+        deadline.checked_sub(self.rtt / 2).unwrap_or(deadline)
+    }
+
+    fn measure_rate(&mut self, now: Instant, bytes: usize) {
+        let (start, sum) = self.window.get_or_insert((now, 0));
+        *sum += bytes as u64;
+        let elapsed = now.saturating_duration_since(*start);
+        if elapsed >= RATE_WINDOW || self.rate == 0.0 {
+            // Until a whole window has passed, the first blocks set the rate
+            // over at least a tenth of one.
+            let secs = elapsed.max(RATE_WINDOW / 10).as_secs_f64();
+            self.rate = *sum as f64 / secs;
+            if elapsed >= RATE_WINDOW {
+                self.window = Some((now, 0));
+            }
+        }
+    }
+
+    /// Answers a viewer's repair request, read at `now`.
+    ///
+    /// Each `(block, group, attempt)` is answered once, whatever the number of
+    /// copies that arrive. The answer is the group's deficit (its `k` less the
+    /// shards the viewer holds and those still queued for it) plus the
+    /// policy's margin, taken from parity the viewer was never sent and then
+    /// from the data shards it lacks, and only if it can arrive before the
+    /// block's deadline.
+    pub fn handle_repair(&mut self, now: Instant, entries: &[RepairEntry]) {
+        for e in entries {
+            self.stats.repairs_asked += 1;
+            if !self.config.repair {
+                self.stats.repairs_expired += 1;
+                continue;
+            }
+            self.answer(now, e);
+        }
+    }
+
+    fn answer(&mut self, now: Instant, e: &RepairEntry) {
+        let Ok(i) = self
+            .retained
+            .binary_search_by_key(&e.seq, |r| r.block.seq())
+        else {
+            self.stats.repairs_expired += 1;
+            return;
+        };
+        let leave_by = self.leave_by(self.retained[i].deadline);
+        if now >= leave_by {
+            self.stats.repairs_expired += 1;
+            return;
+        }
+        let block = self.retained[i].block.clone();
+        let g = usize::from(e.group);
+        let Some((k, m, datagrams)) = block.groups().nth(g) else {
+            self.stats.repairs_unneeded += 1;
+            return;
+        };
+        let bit = 1u8 << e.attempt.min(MAX_REPAIR_ATTEMPTS - 1);
+        let sent = self.retained[i].groups[g];
+        if sent.answered & bit != 0 {
+            self.stats.repairs_unneeded += 1;
+            return;
+        }
+        self.retained[i].groups[g].answered |= bit;
+        // Only indices that exist count as held.
+        let held = (0..k + m).filter(|&i| e.seen.contains(i as u8)).count();
+        let deficit = k.saturating_sub(held + usize::from(sent.queued));
+        if deficit == 0 {
+            self.stats.repairs_unneeded += 1;
+            return;
+        }
+        let margin = if self.congested {
+            0
+        } else {
+            usize::from(self.plan(now, k, m).margin) + usize::from(e.attempt)
+        };
+        let want = deficit + margin;
+        // Fresh parity first (the viewer cannot hold it already), then the
+        // data shards it lacks, then parity it was sent but lost.
+        let fresh = k + usize::from(sent.parity_used)..k + m;
+        let lacking = (0..k + usize::from(sent.parity_used)).filter(|&i| !e.seen.contains(i as u8));
+        let mut used = sent.parity_used;
+        let mut picked = 0u16;
+        for idx in fresh.chain(lacking).take(want) {
+            if idx >= k + usize::from(used) {
+                used += 1;
+            }
+            let d = datagrams[idx].clone();
+            self.queued_bytes += d.len();
+            self.repairs.push_back(Queued {
+                datagram: d,
+                at: now,
+                leave_by,
+                seq: e.seq,
+                group: e.group,
+            });
+            picked += 1;
+        }
+        let group = &mut self.retained[i].groups[g];
+        group.parity_used = used;
+        group.queued += picked;
+        self.stats.repairs_answered += 1;
+    }
+
+    /// The next datagram to send at `now`, if pacing allows and it fits in
+    /// `space` bytes (quinn's free datagram send buffer), or `None`.
+    ///
+    /// Repair answers go first, spaced by
+    /// [`repair_spacing`](SenderConfig::repair_spacing); shards whose block
+    /// can no longer arrive in time are dropped and counted instead. Never
+    /// overfilling quinn's buffer means quinn never evicts a datagram, so what
+    /// leaves here is what the path is offered.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Instant, space: usize) -> Option<Bytes> {
+        self.handle_timeout(now);
+        self.refill(now);
+        let repair_due = !self.repairs.is_empty() && self.next_repair.is_none_or(|t| t <= now);
+        let from_repairs = repair_due || self.queue.is_empty();
+        let head = if from_repairs {
+            self.repairs.front()
+        } else {
+            self.queue.front()
+        }?;
+        if from_repairs && !repair_due {
+            return None;
+        }
+        let len = head.datagram.len();
+        if len > space {
+            self.space_blocked = true;
+            return None;
+        }
+        self.space_blocked = false;
+        if self.tokens < len as f64 {
+            return None;
+        }
+        let q = if from_repairs {
+            self.next_repair = Some(now + self.config.repair_spacing);
+            self.stats.repair_shards += 1;
+            self.repairs.pop_front()
+        } else {
+            self.queue.pop_front()
+        }?;
+        self.tokens -= len as f64;
+        self.unqueue(&q);
+        self.stats.datagrams += 1;
+        self.stats.bytes += len as u64;
+        Some(q.datagram)
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if let Some(at) = self.tokens_at {
+            let dt = now.saturating_duration_since(at).as_secs_f64();
+            self.tokens = (self.tokens + dt * self.pace_rate()).min(self.config.burst as f64);
+        }
+        self.tokens_at = Some(now);
+    }
+
+    fn unqueue(&mut self, q: &Queued) {
+        self.queued_bytes -= q.datagram.len();
+        if let Ok(i) = self
+            .retained
+            .binary_search_by_key(&q.seq, |r| r.block.seq())
+        {
+            if let Some(g) = self.retained[i].groups.get_mut(usize::from(q.group)) {
+                g.queued = g.queued.saturating_sub(1);
+            }
+        }
+    }
+
+    /// When to call [`poll_transmit`](Self::poll_transmit) again: the pacer's
+    /// next token, the next repair slot, or soon when quinn had no space.
+    /// `None` when nothing waits.
+    #[must_use]
+    pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+        let head = self.repairs.front().or(self.queue.front())?;
+        if self.space_blocked {
+            return Some(now + SPACE_RETRY);
+        }
+        let need = head.datagram.len() as f64 - self.tokens;
+        let pacer = (need > 0.0).then(|| now + Duration::from_secs_f64(need / self.pace_rate()));
+        let repair = if self.queue.is_empty() {
+            self.next_repair.filter(|t| *t > now)
+        } else {
+            None
+        };
+        Some(pacer.into_iter().chain(repair).max().unwrap_or(now))
+    }
+
+    /// Drops what can no longer arrive in time and blocks past their deadline,
+    /// and updates the congestion state.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut expired = false;
+        for from_repairs in [false, true] {
+            loop {
+                let q = if from_repairs {
+                    &mut self.repairs
+                } else {
+                    &mut self.queue
+                };
+                match q.front() {
+                    Some(head) if head.leave_by <= now => {}
+                    _ => break,
+                }
+                if let Some(dropped) = q.pop_front() {
+                    self.unqueue(&dropped);
+                    self.stats.expired += 1;
+                    expired |= !from_repairs;
+                }
+            }
+        }
+        while self
+            .retained
+            .front()
+            .is_some_and(|r| r.deadline <= now || self.retained.len() > MAX_RETAINED)
+        {
+            self.retained.pop_front();
+        }
+        let backlog = self
+            .queue
+            .front()
+            .map_or(Duration::ZERO, |q| now.saturating_duration_since(q.at));
+        if expired || backlog > CONGESTED_BACKLOG {
+            if !self.congested {
+                self.congested = true;
+                self.stats.congestion_events += 1;
+                tracing::debug!(backlog = ?backlog, "path cannot carry the stream");
+            }
+            self.congestion_seen = Some(now);
+        } else if self
+            .congestion_seen
+            .is_some_and(|t| now.saturating_duration_since(t) >= CONGESTION_CLEAR)
+        {
+            self.congested = false;
+            self.congestion_seen = None;
+        }
+    }
+
+    fn enforce_bounds(&mut self, now: Instant) {
+        while self.queued_bytes > self.config.max_queue {
+            let Some(q) = self.queue.pop_front() else {
+                break;
+            };
+            self.unqueue(&q);
+            self.stats.expired += 1;
+            self.congestion_seen = Some(now);
+        }
+        self.handle_timeout(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        fec::{Encoder, FecConfig},
+        wire::{Flags, ShardHeader, ShardSet},
+    };
+
+    const RTT: Duration = Duration::from_millis(40);
+
+    fn encoder(redundancy: f64) -> Encoder {
+        let mut fc = FecConfig::default();
+        fc.set_redundancy(redundancy).unwrap();
+        Encoder::new(1, fc)
+    }
+
+    fn block(enc: &mut Encoder, seq: u64, len: usize) -> Arc<EncodedBlock> {
+        Arc::new(enc.encode(seq, 0, Flags::empty(), &vec![7u8; len]).unwrap())
+    }
+
+    fn header(d: &Bytes) -> ShardHeader {
+        ShardHeader::decode_datagram(d).unwrap().0
+    }
+
+    /// Everything `poll_transmit` hands out at `now` with unlimited space.
+    fn drain(s: &mut Sender, now: Instant) -> Vec<ShardHeader> {
+        std::iter::from_fn(|| s.poll_transmit(now, usize::MAX))
+            .map(|d| header(&d))
+            .collect()
+    }
+
+    fn sender(latency_ms: u64) -> Sender {
+        Sender::new(SenderConfig::new(Duration::from_millis(latency_ms)), RTT)
+    }
+
+    #[test]
+    fn rounds_follow_the_budget() {
+        assert_eq!(sender(30).repair_rounds(), 0, "below one RTT");
+        assert_eq!(sender(100).repair_rounds(), 1);
+        assert_eq!(sender(200).repair_rounds(), 2);
+        let mut off = SenderConfig::new(Duration::from_millis(200));
+        off.repair(false);
+        assert_eq!(Sender::new(off, RTT).repair_rounds(), 0);
+    }
+
+    #[test]
+    fn a_repair_round_lowers_parity_sent_up_front() {
+        let mut enc = encoder(0.5);
+        let t0 = Instant::now();
+        let mut tight = sender(30);
+        let mut roomy = sender(100);
+        for s in [&mut tight, &mut roomy] {
+            s.set_loss(Some(0.05));
+            // Past the startup floor.
+            s.push_block(t0, block(&mut enc, 0, 1000), t0);
+            let t = t0 + STARTUP;
+            drain(s, t0);
+            s.push_block(t, block(&mut enc, 1, 21_056), t);
+        }
+        let t = t0 + STARTUP;
+        let parity = |s: &mut Sender| drain(s, t).iter().filter(|h| !h.is_data()).count();
+        let (a, b) = (parity(&mut tight), parity(&mut roomy));
+        assert_eq!(a, 7, "no round: binomial parity for k = 20 at 5%");
+        assert!(b < a && b >= 1, "one round: {b}");
+    }
+
+    #[test]
+    fn startup_floor_protects_until_reports_settle() {
+        let mut enc = encoder(0.5);
+        let t0 = Instant::now();
+        let mut s = sender(30);
+        s.set_loss(Some(0.01));
+        s.push_block(t0, block(&mut enc, 0, 21_056), t0);
+        let early = drain(&mut s, t0).iter().filter(|h| !h.is_data()).count();
+        let t = t0 + STARTUP;
+        s.push_block(t, block(&mut enc, 1, 21_056), t);
+        let later = drain(&mut s, t).iter().filter(|h| !h.is_data()).count();
+        assert!(early > later, "startup {early}, settled {later}");
+        assert_eq!(early, RedundancyPolicy::default().parity_for(20, 0.1));
+    }
+
+    #[test]
+    fn groups_are_interleaved() {
+        let mut fc = FecConfig::default();
+        fc.set_max_data_shards(8).unwrap();
+        let mut enc = Encoder::new(1, fc);
+        let t0 = Instant::now();
+        let mut s = sender(30);
+        s.set_loss(Some(0.0));
+        s.push_block(t0, block(&mut enc, 0, 1100 * 24), t0);
+        let order: Vec<u8> = drain(&mut s, t0).iter().map(|h| h.group).collect();
+        assert_eq!(&order[..6], &[0, 1, 2, 0, 1, 2], "{order:?}");
+    }
+
+    #[test]
+    fn expired_shards_are_never_sent() {
+        let mut enc = encoder(0.25);
+        let t0 = Instant::now();
+        let mut s = sender(100);
+        s.push_block(t0, block(&mut enc, 0, 21_056), t0);
+        // Quinn takes nothing for longer than the budget less half an RTT.
+        assert!(s.poll_transmit(t0, 0).is_none());
+        let late = t0 + Duration::from_millis(100) - RTT / 2;
+        assert!(s.poll_transmit(late, usize::MAX).is_none());
+        let st = s.stats();
+        assert_eq!(st.datagrams, 0);
+        assert!(st.expired >= 20, "{st:?}");
+        assert!(s.is_congested(), "expiry in the queue is congestion");
+        assert_eq!(s.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn never_overfills_quinn_and_asks_again_soon() {
+        let mut enc = encoder(0.25);
+        let t0 = Instant::now();
+        let mut s = sender(1000);
+        s.push_block(t0, block(&mut enc, 0, 21_056), t0);
+        let d = s.poll_transmit(t0, 5000).unwrap();
+        let space = 5000 - d.len();
+        let mut n = 1;
+        let mut left = space;
+        while let Some(d) = s.poll_transmit(t0, left) {
+            left -= d.len();
+            n += 1;
+        }
+        assert_eq!(n, 4, "four ~1 KB datagrams fit in 5000 bytes");
+        assert_eq!(s.poll_timeout(t0), Some(t0 + SPACE_RETRY));
+    }
+
+    #[test]
+    fn large_blocks_are_paced() {
+        let mut enc = encoder(0.1);
+        let t0 = Instant::now();
+        let mut s = sender(5000);
+        s.set_loss(Some(0.0));
+        // Establish a rate of ~1 MB/s: 100 KB blocks every 100 ms.
+        let mut t = t0;
+        for seq in 0..15 {
+            s.push_block(t, block(&mut enc, seq, 100_000), t);
+            t += Duration::from_millis(100);
+            drain_until(&mut s, t);
+        }
+        let rate = s.rate();
+        assert!((800_000.0..1_300_000.0).contains(&rate), "rate {rate}");
+        s.push_block(t, block(&mut enc, 15, 1_000_000), t);
+        let burst: usize = std::iter::from_fn(|| s.poll_transmit(t, usize::MAX))
+            .map(|d| d.len())
+            .sum();
+        assert!(burst <= DEFAULT_BURST + 1500, "first burst {burst}");
+        // The rest leaves at about twice the stream's rate: ~0.5 s for 1 MB.
+        let next = s.poll_timeout(t).unwrap();
+        assert!(next > t);
+        let done = drain_until(&mut s, t + Duration::from_secs(2));
+        let secs = done.saturating_duration_since(t).as_secs_f64();
+        assert!((0.3..0.8).contains(&secs), "1 MB took {secs} s");
+        assert_eq!(s.stats().expired, 0);
+    }
+
+    /// Sends as the pacer allows until `end`; returns when the queue emptied.
+    fn drain_until(s: &mut Sender, end: Instant) -> Instant {
+        let mut t = s.tokens_at.unwrap_or(end);
+        loop {
+            while s.poll_transmit(t, usize::MAX).is_some() {}
+            match s.poll_timeout(t) {
+                Some(next) if next <= end => t = next.max(t + Duration::from_micros(10)),
+                Some(_) => return end,
+                None => return t,
+            }
+        }
+    }
+
+    fn request(seq: u64, group: u8, attempt: u8, held: impl Iterator<Item = u8>) -> RepairEntry {
+        let mut seen = ShardSet::default();
+        held.for_each(|i| seen.insert(i));
+        RepairEntry {
+            seq,
+            group,
+            attempt,
+            seen,
+        }
+    }
+
+    /// Everything the sender hands out from `now` on, following its timer.
+    fn drain_all(s: &mut Sender, mut now: Instant) -> (Vec<ShardHeader>, Instant) {
+        let mut got = drain(s, now);
+        while let Some(next) = s.poll_timeout(now) {
+            now = next.max(now + Duration::from_micros(10));
+            got.extend(drain(s, now));
+        }
+        (got, now)
+    }
+
+    fn settled(latency_ms: u64, loss: f64) -> Sender {
+        let mut cfg = SenderConfig::new(Duration::from_millis(latency_ms));
+        cfg.startup_loss(0.0);
+        let mut s = Sender::new(cfg, RTT);
+        s.set_loss(Some(loss));
+        s
+    }
+
+    #[test]
+    fn repair_sends_fresh_parity_once_per_attempt_and_only_in_time() {
+        let mut enc = encoder(0.5);
+        let t0 = Instant::now();
+        let mut s = settled(100, 0.05);
+        s.push_block(t0, block(&mut enc, 0, 21_056), t0);
+        let sent = drain(&mut s, t0);
+        let proactive = sent.iter().filter(|h| !h.is_data()).count();
+        assert!(proactive < 4, "{proactive}");
+        // The viewer lost data shards 3, 4, 5 and 6 and holds the rest.
+        let held = (0..(20 + proactive) as u8).filter(|i| !(3..7).contains(i));
+        let ask = request(0, 0, 0, held.clone());
+        let t = t0 + Duration::from_millis(30);
+        // Three copies of the same request are answered once.
+        s.handle_repair(t, &[ask, ask, ask]);
+        assert_eq!(drain(&mut s, t).len(), 1, "answer shards are spaced");
+        let (got, now) = drain_all(&mut s, t);
+        let margin = usize::from(s.plan(t, 20, 10).margin);
+        assert!(margin >= 1);
+        assert_eq!(got.len() + 1, 4 - proactive + margin);
+        let st = s.stats();
+        assert_eq!(
+            (st.repairs_asked, st.repairs_answered, st.repairs_unneeded),
+            (3, 1, 2)
+        );
+        assert_eq!(st.repair_shards as usize, 4 - proactive + margin);
+        // A second attempt gets more parity, none sent before.
+        s.handle_repair(now, &[request(0, 0, 1, held)]);
+        let (again, _) = drain_all(&mut s, now);
+        assert!(!again.is_empty());
+        for h in &again {
+            if h.is_data() {
+                assert!((3..7).contains(&h.index), "only data it lacks: {}", h.index);
+            } else {
+                assert!(
+                    usize::from(h.index) >= 20 + proactive,
+                    "parity it was never sent"
+                );
+                assert!(got.iter().all(|g| g.index != h.index), "not sent before");
+            }
+        }
+        // Too late: the answer could not arrive by the deadline.
+        let mut enc2 = encoder(0.5);
+        let mut late = settled(100, 0.05);
+        late.push_block(t0, block(&mut enc2, 5, 21_056), t0);
+        drain(&mut late, t0);
+        late.handle_repair(t0 + Duration::from_millis(81), &[request(5, 0, 0, 0..3)]);
+        assert_eq!(late.stats().repairs_expired, 1);
+        assert_eq!(late.stats().repair_shards, 0);
+        // Unknown blocks and groups are counted, not an error.
+        late.handle_repair(t0, &[request(99, 0, 0, 0..3), request(5, 9, 0, 0..3)]);
+        assert_eq!(late.stats().repairs_expired, 2);
+        assert_eq!(late.stats().repairs_unneeded, 1);
+    }
+
+    #[test]
+    fn repair_counts_shards_still_queued() {
+        let mut enc = encoder(0.5);
+        let t0 = Instant::now();
+        let mut s = settled(100, 0.05);
+        s.push_block(t0, block(&mut enc, 0, 21_056), t0);
+        // Only 10 shards have left; the viewer holds 9 of them.
+        for _ in 0..10 {
+            s.poll_transmit(t0, usize::MAX).unwrap();
+        }
+        s.handle_repair(t0, &[request(0, 0, 0, 1..10)]);
+        assert_eq!(s.stats().repairs_unneeded, 1, "the rest is on its way");
+    }
+
+    #[test]
+    fn exhausted_parity_falls_back_to_missing_data() {
+        let mut enc = encoder(0.1);
+        let t0 = Instant::now();
+        let mut cfg = SenderConfig::new(Duration::from_millis(100));
+        cfg.parity(Parity::All);
+        let mut s = Sender::new(cfg, RTT);
+        s.push_block(t0, block(&mut enc, 0, 21_056), t0);
+        let sent = drain(&mut s, t0);
+        assert_eq!(sent.len(), 22);
+        // Lost data 0..4 and both parity shards.
+        s.handle_repair(t0, &[request(0, 0, 0, 4..20)]);
+        let (got, _) = drain_all(&mut s, t0);
+        let idx: Vec<u8> = got.iter().map(|h| h.index).collect();
+        assert_eq!(&idx[..4], &[0, 1, 2, 3], "{idx:?}");
+        assert!(idx.len() >= 5, "deficit plus margin: {idx:?}");
+    }
+
+    #[test]
+    fn congestion_stops_adding_parity() {
+        let mut enc = encoder(0.5);
+        let t0 = Instant::now();
+        let mut s = sender(100);
+        s.set_loss(Some(0.2));
+        let mut t = t0 + STARTUP;
+        // Quinn takes nothing: the queue grows past 100 ms of the stream.
+        for seq in 0..20 {
+            s.push_block(t, block(&mut enc, seq, 21_056), t);
+            assert!(s.poll_transmit(t, 0).is_none());
+            t += Duration::from_millis(21);
+        }
+        assert!(s.is_congested());
+        assert_eq!(s.stats().congestion_events, 1);
+        s.push_block(t, block(&mut enc, 20, 21_056), t);
+        let (all, _) = drain_all(&mut s, t);
+        let last: Vec<_> = all.iter().filter(|h| h.seq == 20).collect();
+        assert_eq!(
+            last.iter().filter(|h| !h.is_data()).count(),
+            1,
+            "the floor only"
+        );
+        // Bounded: expired shards left the queue.
+        assert!(s.stats().expired > 0);
+        // A second of calm clears it.
+        s.handle_timeout(t + CONGESTION_CLEAR);
+        assert!(!s.is_congested());
+    }
+}
