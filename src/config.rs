@@ -136,6 +136,7 @@ pub struct ServerConfig {
     pub(crate) identity: Identity,
     pub(crate) fec: FecConfig,
     pub(crate) parity: Parity,
+    pub(crate) repair: bool,
     pub(crate) congestion: CongestionControl,
     pub(crate) min_window: u64,
     pub(crate) datagram_send_buffer: usize,
@@ -163,6 +164,7 @@ impl ServerConfig {
             identity,
             fec: FecConfig::default(),
             parity: Parity::default(),
+            repair: true,
             congestion: CongestionControl::default(),
             min_window: DEFAULT_MIN_WINDOW,
             datagram_send_buffer: DEFAULT_DATAGRAM_SEND_BUFFER,
@@ -228,9 +230,20 @@ impl ServerConfig {
         self
     }
 
-    /// How much of the encoded parity each viewer gets. Default [`Parity::All`].
-    /// Blocks are encoded once with the most parity any viewer may need; this
-    /// only trims what is sent, never re-encodes.
+    /// Whether viewers' repair requests are answered. Default on.
+    ///
+    /// When a viewer's budget leaves time for a round trip, the parity it was
+    /// not sent up front (and then the data shards it lacks) is sent on
+    /// request, so far less parity has to go up front. Off leaves proactive
+    /// parity alone, sized as if no repair round fit, whatever the budget.
+    pub fn repair(&mut self, on: bool) -> &mut Self {
+        self.repair = on;
+        self
+    }
+
+    /// How much of the encoded parity each viewer gets up front. Default
+    /// [`Parity::Adaptive`]. Blocks are encoded once with the most parity any
+    /// viewer may need; this only trims what is sent, never re-encodes.
     pub fn parity(&mut self, parity: Parity) -> &mut Self {
         self.parity = parity;
         self

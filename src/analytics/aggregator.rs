@@ -484,6 +484,16 @@ impl Aggregator {
             .map(|v| self.levels.table(v.level))
     }
 
+    /// The shard loss the decision loop plans `viewer`'s parity for (its
+    /// estimate's upper bound, rounded up to a level), or `None` before the
+    /// viewer's first loss estimate (its second report) or if it is not tracked.
+    pub fn viewer_loss(&self, viewer: u64) -> Option<f64> {
+        self.viewers
+            .get(&viewer)
+            .filter(|v| v.base.is_some() && v.last_sent > v.base.map_or(0, |b| b.0))
+            .map(|v| self.levels.loss(v.level))
+    }
+
     /// The [`Summary`] to send `viewer` at `now`, or `None` if it is not tracked.
     ///
     /// `parity` is for [`AggregatorConfig::reference_k`] data shards; `loss_ppm` is the

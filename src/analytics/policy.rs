@@ -526,6 +526,11 @@ impl ParityLevels {
         i.min(self.levels.len() - 1) as Level
     }
 
+    /// The loss a level stands for.
+    pub(crate) fn loss(&self, level: Level) -> f64 {
+        self.levels[usize::from(level).min(self.levels.len() - 1)]
+    }
+
     pub(crate) fn table(&self, level: Level) -> &ParityTable {
         &self.tables[usize::from(level).min(self.tables.len() - 1)]
     }

@@ -19,16 +19,16 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    analytics::{Aggregator, Input, InputKind, LogRecord, ParityTable},
+    analytics::{Aggregator, Input, InputKind, LogRecord},
     wire::Summary,
 };
 
 /// What the analytics task tells one viewer's connection after its reports.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Feedback {
-    /// Parity per code-group size from the viewer's measured loss; `None` until
-    /// the first estimate, when the pump sends every encoded parity shard.
-    pub(crate) parity: Option<ParityTable>,
+    /// The shard loss to plan the viewer's parity for (see
+    /// [`Aggregator::viewer_loss`]); `None` until the first estimate.
+    pub(crate) loss: Option<f64>,
     /// The viewer's and its stream's figures, sent back as `Summary`.
     pub(crate) summary: Option<Summary>,
 }
@@ -202,7 +202,7 @@ async fn drain(
             for viewer in reported.drain(..) {
                 if let Some(tx) = feedback.get(&viewer) {
                     tx.send_replace(Feedback {
-                        parity: agg.viewer_parity(viewer).cloned(),
+                        loss: agg.viewer_loss(viewer),
                         summary: agg.viewer_summary(viewer, now),
                     });
                 }

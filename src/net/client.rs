@@ -10,7 +10,7 @@ use std::{
 
 use futures_core::Stream;
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, trace};
 
 use super::{
     control::{self, FrameError, FrameReader},
@@ -463,7 +463,10 @@ impl Session {
         tokio::select! {
             dg = link.conn.read_datagram() => {
                 let dg = dg.map_err(map_close)?;
-                self.lock().receiver.handle_datagram(Instant::now(), dg);
+                let rtt = link.conn.rtt();
+                let mut st = self.lock();
+                st.receiver.set_rtt(rtt);
+                st.receiver.handle_datagram(Instant::now(), dg);
             }
             msg = link.reader.next() => match msg {
                 Ok(Some(msg)) => self.handle_control(msg)?,
@@ -477,13 +480,28 @@ impl Session {
                     return Err(ClientError::Protocol(e.to_string()));
                 }
             },
-            _ = timer => self.lock().receiver.handle_timeout(Instant::now()),
+            _ = timer => {
+                let rtt = link.conn.rtt();
+                let mut st = self.lock();
+                st.receiver.set_rtt(rtt);
+                st.receiver.handle_timeout(Instant::now());
+            }
             _ = tokio::time::sleep_until(self.next_report) => {
                 self.next_report += self.link.report_interval;
                 let report = self.lock().receiver.report(Instant::now());
                 self.write(&ControlMessage::Report(report)).await?;
             }
             Some(ev) = self.app_rx.recv() => self.write(&ControlMessage::Event(ev)).await?,
+        }
+        // Repair requests are datagrams: a lost one must not wait for a
+        // stream retransmission, and copies cover the loss.
+        loop {
+            let Some(dg) = self.lock().receiver.poll_repair() else {
+                break;
+            };
+            if let Err(e) = self.link.conn.send_datagram(dg) {
+                trace!(error = %e, "repair request not sent");
+            }
         }
         Ok(None)
     }

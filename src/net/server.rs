@@ -25,8 +25,8 @@ use crate::{
     analytics::{Aggregator, Input, InputKind, Metric, MetricKind, Snapshot, Validator},
     config::ServerConfig,
     fec::{EncodedBlock, Encoder},
-    session::TokenBucket,
-    wire::{self, ControlMessage, Flags, MAX_STRING_LEN},
+    session::{Sender, SenderConfig, TokenBucket},
+    wire::{self, ControlMessage, Flags, RepairEntry, MAX_STRING_LEN},
     CloseCode, ServerError,
 };
 
@@ -52,6 +52,14 @@ struct Counters {
     datagrams_from_viewers: AtomicU64,
     reports: AtomicU64,
     reports_rejected: AtomicU64,
+    shards_expired: AtomicU64,
+    repairs_asked: AtomicU64,
+    repairs_answered: AtomicU64,
+    repairs_expired: AtomicU64,
+    repair_shards: AtomicU64,
+    repair_datagrams_malformed: AtomicU64,
+    congestion_events: AtomicU64,
+    viewers_congested: AtomicU64,
 }
 
 /// A snapshot of the server's counters.
@@ -99,12 +107,32 @@ pub struct ServerStats {
     pub events_applied: u64,
     /// Lines written to the event log.
     pub events_logged: u64,
+    /// Shards not sent because their block could no longer reach the viewer
+    /// by its deadline (or the sender's queue was over its bound).
+    pub shards_expired: u64,
+    /// Repair requests received (one per code group and attempt, copies included).
+    pub repairs_asked: u64,
+    /// Repair requests answered with at least one shard.
+    pub repairs_answered: u64,
+    /// Repair requests too late to answer, or for blocks no longer kept.
+    pub repairs_expired: u64,
+    /// Shards sent as repair answers.
+    pub repair_shards: u64,
+    /// Viewer datagrams that were not a valid repair request (dropped).
+    pub repair_datagrams_malformed: u64,
+    /// Times a viewer's path was found unable to carry its stream.
+    pub congestion_events: u64,
+    /// Viewers whose path cannot carry the stream right now.
+    pub viewers_congested: u64,
 }
 
 #[derive(Clone)]
 enum Item {
-    Block(Arc<EncodedBlock>),
-    End { last_seq: u64 },
+    /// A block and the instant its timestamp stands for.
+    Block(Arc<EncodedBlock>, Instant),
+    End {
+        last_seq: u64,
+    },
 }
 
 struct StreamEntry {
@@ -119,6 +147,8 @@ type Task = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 struct Shared {
     config: ServerConfig,
+    /// The redundancy policy, capped at what is encoded.
+    policy: crate::analytics::RedundancyPolicy,
     streams: Mutex<HashMap<String, StreamEntry>>,
     next_stream_id: AtomicU32,
     next_viewer: AtomicU64,
@@ -199,7 +229,7 @@ impl Server {
         let mut policy = config.policy.clone();
         policy.max_ratio(config.fec.redundancy());
         let mut analytics = config.analytics.clone();
-        analytics.policy(policy);
+        analytics.policy(policy.clone());
         let (analytics, task) = pipeline(
             Aggregator::new(analytics),
             config.analytics_queue,
@@ -209,6 +239,7 @@ impl Server {
             endpoint,
             shared: Arc::new(Shared {
                 config,
+                policy,
                 streams: Mutex::new(HashMap::new()),
                 next_stream_id: AtomicU32::new(1),
                 next_viewer: AtomicU64::new(1),
@@ -295,6 +326,14 @@ impl Server {
             blocks_skipped: c.blocks_skipped.load(Relaxed),
             control_errors: c.control_errors.load(Relaxed),
             datagrams_from_viewers: c.datagrams_from_viewers.load(Relaxed),
+            shards_expired: c.shards_expired.load(Relaxed),
+            repairs_asked: c.repairs_asked.load(Relaxed),
+            repairs_answered: c.repairs_answered.load(Relaxed),
+            repairs_expired: c.repairs_expired.load(Relaxed),
+            repair_shards: c.repair_shards.load(Relaxed),
+            repair_datagrams_malformed: c.repair_datagrams_malformed.load(Relaxed),
+            congestion_events: c.congestion_events.load(Relaxed),
+            viewers_congested: c.viewers_congested.load(Relaxed),
             reports: c.reports.load(Relaxed),
             reports_rejected: c.reports_rejected.load(Relaxed),
             events_accepted: self.shared.analytics.accepted.load(Relaxed),
@@ -393,6 +432,43 @@ impl Server {
                 "Datagrams viewers sent (dropped).",
                 stats.datagrams_from_viewers,
             ),
+            counter(
+                "quicast_shards_expired_total",
+                "Shards not sent: their block could no longer arrive in time.",
+                stats.shards_expired,
+            ),
+            counter(
+                "quicast_repairs_asked_total",
+                "Repair requests received (per code group and attempt, copies included).",
+                stats.repairs_asked,
+            ),
+            counter(
+                "quicast_repairs_answered_total",
+                "Repair requests answered with shards.",
+                stats.repairs_answered,
+            ),
+            counter(
+                "quicast_repairs_expired_total",
+                "Repair requests too late to answer.",
+                stats.repairs_expired,
+            ),
+            counter(
+                "quicast_repair_shards_total",
+                "Shards sent as repair answers.",
+                stats.repair_shards,
+            ),
+            counter(
+                "quicast_congestion_events_total",
+                "Times a viewer's path could not carry its stream.",
+                stats.congestion_events,
+            ),
+            Metric {
+                name: "quicast_viewers_congested".into(),
+                help: "Viewers whose path cannot carry the stream right now.".into(),
+                kind: MetricKind::Gauge,
+                value: stats.viewers_congested as f64,
+                labels: Vec::new(),
+            },
             counter(
                 "quicast_reports_rejected_total",
                 "Viewer reports refused by validation.",
@@ -533,7 +609,9 @@ impl Publisher {
 
     fn send_flags(&mut self, block: &[u8], flags: Flags) -> Result<u64, ServerError> {
         let seq = self.seq;
-        let ts = self.clock_us() as u32; // wraps; receivers unwrap
+        let now = Instant::now();
+        // Wraps; receivers unwrap.
+        let ts = now.saturating_duration_since(self.epoch).as_micros() as u32;
         let encoded = self.encoder.encode(seq, ts, flags, block)?;
         self.seq += 1;
         let c = &self.shared.counters;
@@ -542,7 +620,7 @@ impl Publisher {
             .fetch_add(encoded.datagrams().len() as u64, Relaxed);
         c.media_bytes.fetch_add(block.len() as u64, Relaxed);
         // No receivers is not an error: the stream is live whether watched or not.
-        let _ = self.tx.send(Item::Block(Arc::new(encoded)));
+        let _ = self.tx.send(Item::Block(Arc::new(encoded), now));
         Ok(seq)
     }
 
@@ -778,14 +856,30 @@ async fn serve(shared: &Shared, incoming: quinn::Incoming) -> Result<(), ConnEnd
         .await;
     viewers.fetch_add(1, Relaxed);
     shared.counters.viewers.fetch_add(1, Relaxed);
+    let mut sender = SenderConfig::new(Duration::from_millis(latency_ms));
+    sender
+        .parity(shared.config.parity)
+        .repair(shared.config.repair)
+        .policy(shared.policy.clone());
     let mut viewer = Viewer {
         id: viewer,
         stream: stream.clone(),
         feedback,
         validator: Validator::new(),
-        sent_shards: 0,
+        sender: Sender::new(sender, conn.rtt()),
+        congested: false,
+        handed: 0,
     };
     let result = pump(shared, &conn, &mut send, &mut reader, &mut rx, &mut viewer).await;
+    // Whatever quinn took but never put on the wire was dropped at the sender.
+    let framed = conn.stats().frame_tx.datagram;
+    shared
+        .counters
+        .datagrams_dropped
+        .fetch_add(viewer.handed.saturating_sub(framed), Relaxed);
+    if viewer.congested {
+        shared.counters.viewers_congested.fetch_sub(1, Relaxed);
+    }
     viewers.fetch_sub(1, Relaxed);
     shared.counters.viewers.fetch_sub(1, Relaxed);
     let reason = match &result {
@@ -808,9 +902,12 @@ struct Viewer {
     stream: String,
     feedback: watch::Receiver<Feedback>,
     validator: Validator,
-    /// Datagrams sent to this viewer since it joined; with its reports'
-    /// `shards_received`, the loss before FEC.
-    sent_shards: u64,
+    /// What goes to this viewer, and when.
+    sender: Sender,
+    /// Whether `viewers_congested` counts this viewer.
+    congested: bool,
+    /// Datagrams handed to quinn.
+    handed: u64,
 }
 
 impl Viewer {
@@ -833,33 +930,34 @@ fn frame_error(shared: &Shared, conn: &quinn::Connection, e: FrameError) -> Conn
     }
 }
 
-/// Sends one block's shards to one viewer: all data, and `parity` parity
-/// shards per group. Returns the datagrams handed to quinn.
+/// Datagram bytes quinn is given ahead of the wire, at most: enough for a
+/// couple of blocks, so a burst is not held back, and no more, so that waiting
+/// shards stay in the [`Sender`] where they can expire or let a repair pass.
+const QUINN_DEPTH: usize = 48 * 1024;
+
+/// Hands quinn what the viewer's [`Sender`] releases now; returns when it
+/// wants to be called again.
 ///
-/// Per shard this only clones a `Bytes` and calls quinn; the buffer space is
-/// read once and the shared counters are updated once per block.
-fn send_block(
+/// Per shard this only clones a `Bytes` and calls quinn; the shared counters
+/// are updated once per call.
+fn transmit(
     shared: &Shared,
     conn: &quinn::Connection,
-    block: &EncodedBlock,
-    parity: usize,
-) -> u64 {
-    let (mut sent, mut bytes, mut dropped, mut too_large) = (0u64, 0u64, 0u64, 0u64);
-    let mut space = conn.datagram_send_buffer_space();
-    for dg in block.datagrams_with_parity(parity) {
-        // quinn drops the oldest queued datagram to make room; count it.
-        match space.checked_sub(dg.len()) {
-            Some(left) => space = left,
-            None => dropped += 1,
-        }
-        match conn.send_datagram(dg.clone()) {
-            Ok(()) => {
-                sent += 1;
-                bytes += dg.len() as u64;
-            }
+    viewer: &mut Viewer,
+    now: Instant,
+) -> Option<Instant> {
+    let before = viewer.sender.stats();
+    let (mut handed, mut too_large) = (0u64, 0u64);
+    let buffer = shared.config.datagram_send_buffer;
+    let reserve = buffer.saturating_sub(QUINN_DEPTH.min(buffer));
+    let mut space = conn.datagram_send_buffer_space().saturating_sub(reserve);
+    while let Some(dg) = viewer.sender.poll_transmit(now, space) {
+        space -= dg.len();
+        match conn.send_datagram(dg) {
+            Ok(()) => handed += 1,
             Err(quinn::SendDatagramError::TooLarge) => {
                 too_large += 1;
-                trace!(len = dg.len(), "datagram too large for path");
+                trace!("datagram too large for path");
             }
             Err(e) => {
                 trace!(error = %e, "send_datagram failed");
@@ -867,12 +965,55 @@ fn send_block(
             }
         }
     }
+    let after = viewer.sender.stats();
     let c = &shared.counters;
-    c.datagrams_sent.fetch_add(sent, Relaxed);
-    c.bytes_sent.fetch_add(bytes, Relaxed);
-    c.datagrams_dropped.fetch_add(dropped, Relaxed);
+    viewer.handed += handed;
+    c.datagrams_sent.fetch_add(handed, Relaxed);
+    c.bytes_sent.fetch_add(after.bytes - before.bytes, Relaxed);
     c.datagrams_too_large.fetch_add(too_large, Relaxed);
-    sent
+    c.shards_expired
+        .fetch_add(after.expired - before.expired, Relaxed);
+    c.repair_shards
+        .fetch_add(after.repair_shards - before.repair_shards, Relaxed);
+    c.congestion_events
+        .fetch_add(after.congestion_events - before.congestion_events, Relaxed);
+    let congested = viewer.sender.is_congested();
+    if congested != viewer.congested {
+        viewer.congested = congested;
+        if congested {
+            c.viewers_congested.fetch_add(1, Relaxed);
+        } else {
+            c.viewers_congested.fetch_sub(1, Relaxed);
+        }
+    }
+    viewer.sender.poll_timeout(now)
+}
+
+fn repair(
+    shared: &Shared,
+    viewer: &mut Viewer,
+    now: Instant,
+    dg: &Bytes,
+    scratch: &mut Vec<RepairEntry>,
+) {
+    if wire::decode_repair(&mut &dg[..], scratch).is_err() {
+        shared
+            .counters
+            .repair_datagrams_malformed
+            .fetch_add(1, Relaxed);
+        trace!(len = dg.len(), "malformed repair datagram");
+        return;
+    }
+    let before = viewer.sender.stats();
+    viewer.sender.handle_repair(now, scratch);
+    let after = viewer.sender.stats();
+    let c = &shared.counters;
+    c.repairs_asked
+        .fetch_add(after.repairs_asked - before.repairs_asked, Relaxed);
+    c.repairs_answered
+        .fetch_add(after.repairs_answered - before.repairs_answered, Relaxed);
+    c.repairs_expired
+        .fetch_add(after.repairs_expired - before.repairs_expired, Relaxed);
 }
 
 async fn pump(
@@ -885,24 +1026,29 @@ async fn pump(
 ) -> Result<(), ConnEnd> {
     let mut shutdown = shared.shutdown.subscribe();
     let mut limiter = TokenBucket::new(shared.config.control_rate, shared.config.control_rate * 2);
-    let policy = shared.config.parity;
     let mut linger: Option<tokio::time::Instant> = None;
+    let mut scratch = Vec::new();
     loop {
+        let now = Instant::now();
+        viewer.sender.set_rtt(conn.rtt());
+        let wake = transmit(shared, conn, viewer, now);
         let linger_sleep = async {
             match linger {
                 Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
         };
+        let send_timer = async {
+            match wake {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             item = rx.recv(), if linger.is_none() => match item {
-                Ok(Item::Block(block)) => {
+                Ok(Item::Block(block, at)) => {
                     trace!(target: "quicast::cc", seq = block.seq(), path = ?conn.stats().path, space = conn.datagram_send_buffer_space(), "block");
-                    // Groups differ by at most one data shard: the first (largest) decides.
-                    let (k, m) = block.groups().next().map_or((1, 0), |(k, m, _)| (k, m));
-                    let adaptive = viewer.feedback.borrow().parity.as_ref().map(|t| t.parity(k));
-                    let parity = policy.for_group(m, adaptive);
-                    viewer.sent_shards += send_block(shared, conn, &block, parity);
+                    viewer.sender.push_block(Instant::now(), block, at);
                 }
                 Ok(Item::End { last_seq }) => {
                     control::write(send, &ControlMessage::EndOfStream { last_seq }).await?;
@@ -916,6 +1062,7 @@ async fn pump(
                     return Err(close(conn, CloseCode::Normal, "stream closed"));
                 }
             },
+            _ = send_timer => {}
             msg = reader.next() => {
                 let msg = match msg {
                     Ok(Some(msg)) => msg,
@@ -929,10 +1076,12 @@ async fn pump(
                 match msg {
                     ControlMessage::Report(report) => {
                         shared.counters.reports.fetch_add(1, Relaxed);
-                        match viewer.validator.check(&report, viewer.sent_shards) {
+                        // Datagrams that left: quinn's evictions never count as path loss.
+                        let sent_shards = conn.stats().frame_tx.datagram;
+                        match viewer.validator.check(&report, sent_shards) {
                             Ok(report) => shared.analytics.offer(viewer.input(InputKind::Report {
                                 report,
-                                sent_shards: viewer.sent_shards,
+                                sent_shards,
                             })),
                             Err(e) => {
                                 shared.counters.reports_rejected.fetch_add(1, Relaxed);
@@ -955,14 +1104,21 @@ async fn pump(
                 }
             }
             Ok(()) = viewer.feedback.changed() => {
-                let summary = viewer.feedback.borrow_and_update().summary;
+                let (summary, loss) = {
+                    let fb = viewer.feedback.borrow_and_update();
+                    (fb.summary, fb.loss)
+                };
+                // A congested path is not given more parity (the sender holds
+                // it at the floor), whatever the loss the congestion caused.
+                viewer.sender.set_loss(loss);
                 if let Some(summary) = summary {
                     control::write(send, &ControlMessage::Summary(summary)).await?;
                 }
             }
             dg = conn.read_datagram() => match dg {
-                Ok(_) => {
+                Ok(dg) => {
                     shared.counters.datagrams_from_viewers.fetch_add(1, Relaxed);
+                    repair(shared, viewer, Instant::now(), &dg, &mut scratch);
                 }
                 Err(e) => return Err(e.into()),
             },

@@ -402,9 +402,11 @@ impl Receiver {
             (Some(last), None, false) => Some(last + self.config.stall_after),
             _ => None,
         };
+        // Without an RTT nothing is asked, so nothing needs waking.
         let repair = self
             .asks
             .values()
+            .filter(|_| self.rtt.is_some())
             .map(|a| {
                 if a.copies_left > 0 {
                     a.next_copy.min(a.check_at)
@@ -803,6 +805,71 @@ mod tests {
         fn events(&mut self) -> Vec<Event> {
             std::iter::from_fn(|| self.receiver.poll_event()).collect()
         }
+    }
+
+    fn repairs(r: &mut Receiver) -> Vec<RepairEntry> {
+        let mut all = Vec::new();
+        while let Some(dg) = r.poll_repair() {
+            let mut out = Vec::new();
+            crate::wire::decode_repair(&mut &dg[..], &mut out).unwrap();
+            all.extend(out);
+        }
+        all
+    }
+
+    /// Steps the receiver's timer from `from` to `to` ms, collecting requests.
+    fn run(s: &mut Sim, from: u64, to: u64) -> Vec<RepairEntry> {
+        let mut got = Vec::new();
+        for ms in from..=to {
+            s.receiver.handle_timeout(s.at(ms));
+            got.extend(repairs(&mut s.receiver));
+        }
+        got
+    }
+
+    #[test]
+    fn asks_once_when_short_again_at_most_once_and_never_too_late() {
+        let mut s = Sim::new();
+        s.receiver.set_rtt(Duration::from_millis(20));
+        // 21 KB at 1100-byte shards: one group of k = 20, m = 5. Only 15 arrive.
+        let b0 = s.block(0, 0, 21_056, Flags::SYNC);
+        s.feed(20, b0[..15].to_vec());
+        assert!(
+            repairs(&mut s.receiver).is_empty(),
+            "waits its repair delay"
+        );
+        let first = run(&mut s, 21, 30);
+        // Three copies of attempt 0, two ms apart, naming the 15 shards held.
+        assert_eq!(first.len(), REPAIR_REQUEST_COPIES as usize, "{first:?}");
+        assert!(first
+            .iter()
+            .all(|e| e.seq == 0 && e.attempt == 0 && e.seen.len() == 15));
+        // No answer: one more attempt after a round trip, then no more.
+        let second = run(&mut s, 31, 99);
+        assert_eq!(second.len(), REPAIR_REQUEST_COPIES as usize, "{second:?}");
+        assert!(second.iter().all(|e| e.attempt == 1));
+        assert_eq!(s.receiver.stats().repairs_asked, 2);
+        // An answer completes it; it counts as repaired.
+        s.feed(99, b0[15..20].to_vec());
+        assert_eq!(seqs(&s.events()), vec![(0, true)]);
+        assert_eq!(s.receiver.stats().blocks_repaired, 1);
+
+        // A block short so late that no answer can arrive is not asked for.
+        let b1 = s.block(1, 100, 21_056, Flags::empty());
+        s.feed(180, b1[..10].to_vec());
+        assert!(run(&mut s, 181, 200).is_empty());
+        assert_eq!(s.receiver.stats().repairs_too_late, 1);
+
+        // Repair off: never asks.
+        let mut off = Sim::new();
+        let mut cfg = ReceiverConfig::new(1, BUDGET);
+        cfg.repair(false);
+        off.receiver = Receiver::new(cfg);
+        off.receiver.set_clock(0, off.t0);
+        off.receiver.set_rtt(Duration::from_millis(40));
+        let b = off.block(0, 0, 21_056, Flags::SYNC);
+        off.feed(20, b[..15].to_vec());
+        assert!(run(&mut off, 21, 99).is_empty());
     }
 
     fn seqs(events: &[Event]) -> Vec<(u64, bool)> {

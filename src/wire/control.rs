@@ -568,7 +568,7 @@ mod tests {
             Err(DecodeError::Long)
         );
         // Hello whose stream name is not UTF-8.
-        let mut body = vec![ty::HELLO, 1, 2, 0xff, 0xfe, 0, 0];
+        let mut body = vec![ty::HELLO, crate::wire::VERSION, 2, 0xff, 0xfe, 0, 0, 1];
         let mut frame = Vec::new();
         VarInt::write(body.len() as u64, &mut frame);
         frame.append(&mut body);

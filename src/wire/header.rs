@@ -318,10 +318,10 @@ mod tests {
             buf
         };
         let mut v = enc(sample());
-        v[0] = 2;
+        v[0] = VERSION + 1;
         assert_eq!(
             ShardHeader::decode(&mut &v[..]),
-            Err(DecodeError::Version(2))
+            Err(DecodeError::Version(VERSION + 1))
         );
         let mut v = enc(sample());
         v[1] |= 0x80;

@@ -314,6 +314,7 @@ fn hello() -> ControlMessage {
         stream: STREAM.into(),
         token: Bytes::new(),
         agent: "attacker".into(),
+        latency_ms: 200,
     }
 }
 

@@ -138,8 +138,10 @@ fn string(rng: &mut SmallRng) -> String {
 
 fn message(rng: &mut SmallRng) -> ControlMessage {
     match rng.random_range(0..11) {
+        // Another version's Hello decodes to its version alone, so only this
+        // one round-trips.
         0 => ControlMessage::Hello {
-            version: rng.random(),
+            version: VERSION,
             stream: string(rng),
             token: Bytes::from(
                 (0..rng.random_range(0..600))
@@ -147,6 +149,7 @@ fn message(rng: &mut SmallRng) -> ControlMessage {
                     .collect::<Vec<_>>(),
             ),
             agent: string(rng),
+            latency_ms: rng.random_range(1..=quicast::wire::MAX_LATENCY_MS),
         },
         1 => ControlMessage::Welcome {
             stream_id: rng.random(),
