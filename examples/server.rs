@@ -180,11 +180,16 @@ async fn main() -> anyhow::Result<()> {
     driver.abort();
     let stats = server.stats();
     eprintln!(
-        "sent {} datagrams ({:.2} MB), dropped at sender {}, too large {}; {} viewer events accepted, {} logged",
+        "sent {} datagrams ({:.2} MB), dropped at sender {}, expired {}, too large {}; repairs asked {}, answered {}, {} shards; congestion events {}; {} viewer events accepted, {} logged",
         stats.datagrams_sent,
         stats.bytes_sent as f64 / 1e6,
         stats.datagrams_dropped,
+        stats.shards_expired,
         stats.datagrams_too_large,
+        stats.repairs_asked,
+        stats.repairs_answered,
+        stats.repair_shards,
+        stats.congestion_events,
         stats.events_accepted,
         stats.events_logged,
     );

@@ -252,15 +252,23 @@ impl RedundancyPolicy {
         let (lo, hi) = self.bounds(k);
         let rounds = rounds.min(2) as i32;
         let request_lost = p.powi(REPAIR_REQUEST_COPIES);
+        // Deficits beyond this are as good as certain failures at any loss a
+        // plan can meet the target for; the terms are negligible there.
+        let max_d = (MAX_SHARDS - k).min(64);
         let mut best: Option<(f64, RepairPlan)> = None;
+        let mut fail = vec![0.0f64; max_d + 1];
         for e in 0..=MAX_REPAIR_MARGIN {
+            // F(d, e) for every deficit, once per margin.
+            for (d, f) in fail.iter_mut().enumerate().skip(1) {
+                *f = 1.0 - (1.0 - request_lost) * (1.0 - tail_after(&lf, d + e, e, p));
+            }
             for m in lo..=hi {
                 let n = k + m;
                 let (mut residual, mut repair) = (0.0, 0.0);
                 for j in m + 1..=n {
-                    let pj = pmf(&lf, n, j, p);
                     let d = j - m;
-                    let f = 1.0 - (1.0 - request_lost) * (1.0 - tail_after(&lf, d + e, e, p));
+                    let pj = pmf(&lf, n, j, p);
+                    let f = if d <= max_d { fail[d] } else { 1.0 };
                     residual += pj * f.powi(rounds);
                     let again = if rounds >= 2 { f } else { 0.0 };
                     repair += pj * (d + e) as f64 * (1.0 + again);

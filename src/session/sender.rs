@@ -249,6 +249,8 @@ pub struct Sender {
     plan_key: (u64, u32, bool),
     rate: f64,
     window: Option<(Instant, u64)>,
+    /// Whole rate windows measured.
+    windows: u64,
     tokens: f64,
     tokens_at: Option<Instant>,
     next_repair: Option<Instant>,
@@ -276,6 +278,7 @@ impl Sender {
             plan_key: (0, 0, false),
             rate: 0.0,
             window: None,
+            windows: 0,
             tokens_at: None,
             next_repair: None,
             space_blocked: false,
@@ -467,17 +470,19 @@ impl Sender {
     }
 
     fn measure_rate(&mut self, now: Instant, bytes: usize) {
+        let first = self.window.is_none() || self.windows == 0;
         let (start, sum) = self.window.get_or_insert((now, 0));
         *sum += bytes as u64;
         let elapsed = now.saturating_duration_since(*start);
-        if elapsed >= RATE_WINDOW || self.rate == 0.0 {
-            // Until a whole window has passed, the first blocks set the rate
-            // over at least a tenth of one.
-            let secs = elapsed.max(RATE_WINDOW / 10).as_secs_f64();
-            self.rate = *sum as f64 / secs;
-            if elapsed >= RATE_WINDOW {
-                self.window = Some((now, 0));
-            }
+        if elapsed >= RATE_WINDOW {
+            self.rate = *sum as f64 / elapsed.as_secs_f64();
+            self.window = Some((now, 0));
+            self.windows += 1;
+        } else if first {
+            // Until a whole window has passed, every block refines the rate,
+            // over at least 20 ms so the first block alone does not read as
+            // a burst of infinite rate.
+            self.rate = *sum as f64 / elapsed.max(Duration::from_millis(20)).as_secs_f64();
         }
     }
 

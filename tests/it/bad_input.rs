@@ -383,7 +383,7 @@ fn corrupt(bad: Bad, good: &[Bytes]) -> Vec<Bytes> {
     assert_eq!(h.groups, 1, "fixtures assume one code group");
     let dgs = match bad {
         Bad::TruncatedHeader => (1..h.encoded_len()).map(|n| template.slice(..n)).collect(),
-        Bad::UnknownVersion => [0u8, 2, 0xff]
+        Bad::UnknownVersion => [0u8, VERSION + 1, 0xff]
             .into_iter()
             .map(|v| {
                 let mut d = template.to_vec();
