@@ -174,6 +174,7 @@ async fn open(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<Link,
         }
         Err(e) => return Err(ClientError::Protocol(e.to_string())),
     };
+    let read_at = Instant::now();
     let (stream_id, clock_us, report_interval_ms) = match msg {
         ControlMessage::Welcome {
             stream_id,
@@ -191,7 +192,9 @@ async fn open(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<Link,
         }
     };
     debug!(stream_id, rtt = ?conn.rtt(), "welcome");
-    // Welcome left the server half an RTT ago.
+    // Only the initial estimate: Welcome left the server half an RTT ago if
+    // the path is symmetric and Welcome was not retransmitted. The receiver
+    // corrects it from the datagrams' one-way offsets (see `Receiver::set_clock`).
     let half_rtt = conn.rtt() / 2;
     Ok(Link {
         conn,
@@ -199,7 +202,7 @@ async fn open(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<Link,
         reader,
         stream_id,
         sender_clock_us: clock_us + half_rtt.as_micros() as u64,
-        at: Instant::now(),
+        at: read_at,
         report_interval: Duration::from_millis(report_interval_ms.clamp(50, 60_000)),
     })
 }
