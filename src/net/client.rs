@@ -146,7 +146,8 @@ async fn open(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<Link,
     let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
     client_config.transport_config(tls::transport(
         config.congestion,
-        crate::config::DEFAULT_MIN_WINDOW,
+        // A viewer sends control traffic only: nothing to hold a window for.
+        None,
         config.idle_timeout,
         config.keep_alive,
         Some(config.datagram_receive_buffer),
