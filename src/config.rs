@@ -15,8 +15,9 @@ pub use crate::fec::{DecoderConfig, FecConfig};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
 /// Default bytes of datagrams quinn may queue per connection before dropping the oldest.
 pub const DEFAULT_DATAGRAM_SEND_BUFFER: usize = 128 * 1024;
-/// Default congestion window floor (and initial window): 256 KiB.
-pub const DEFAULT_MIN_WINDOW: u64 = 256 * 1024;
+/// Default absolute lower bound of the congestion window: none. The server's
+/// floor follows each stream's rate instead; see [`ServerConfig::min_window`].
+pub const DEFAULT_MIN_WINDOW: u64 = 0;
 /// Default analytics queue, in events.
 pub const DEFAULT_ANALYTICS_QUEUE: usize = 4096;
 /// Default connection limit.
@@ -255,25 +256,31 @@ impl ServerConfig {
         self
     }
 
-    /// Congestion window floor in bytes: the window starts here and never falls
-    /// below it. Default [`DEFAULT_MIN_WINDOW`] (256 KiB); 0 leaves the
-    /// controller alone.
+    /// Absolute lower bound of every viewer connection's congestion window,
+    /// in bytes. Default [`DEFAULT_MIN_WINDOW`] (0: none).
     ///
+    /// Whatever this is, the window has a floor that follows the stream: about
+    /// `2 × rate × RTT + one block`, with the RTT capped at twice the path's
+    /// minimum, and 64 KiB before the stream's rate is known (`src/net/cc.rs`).
     /// Live media has a fixed rate and FEC for loss, so a controller that
     /// throttles below that rate only moves loss from the network to the
     /// sender's queue. quinn's BBR does so transiently after STARTUP (measured:
     /// its window fell to 25 KB for 250 ms on a 44 KB bandwidth-delay path, and
-    /// blocks missed their deadline; see `src/net/cc.rs`).
+    /// blocks missed their deadline). Because the floor's RTT is capped, a path
+    /// that cannot carry the stream still gets backed off: a queue that grows
+    /// the RTT past about four minimum RTTs leaves the floor carrying less
+    /// than the stream.
     ///
-    /// The window also sets quinn's pacing rate (window × 1.25 / RTT), which
-    /// decides how fast a block's burst of shards leaves. Measured with
-    /// `benches/loss.rs` (8 Mbit/s, 20 ms one-way, 30 ms budget, 5% loss): a
-    /// 64 KiB floor paces a 27 KB block over about 13 ms, and 2.5% of blocks
-    /// missed the budget; 256 KiB sends it in about 3.5 ms, and none did. A
-    /// larger floor sends bursts faster into a bottleneck queue; a smaller one
-    /// adds up to a block's transmission time to every block's latency. Above
-    /// what the path can carry, a floor keeps sending into loss instead of
-    /// backing off: media that does not fit the path needs a lower bitrate.
+    /// This bound applies on top, even above what the stream needs, and is not
+    /// capped: set it only to force a window. The window also sets quinn's
+    /// pacing rate (window × 1.25 / RTT), which decides how fast a block's
+    /// burst of shards leaves. Measured with `benches/loss.rs` (8 Mbit/s,
+    /// 20 ms one-way, 30 ms budget, 5% loss, with the floor then a constant):
+    /// 64 KiB paced a 27 KB block over about 13 ms, and 2.5% of blocks missed
+    /// the budget; 256 KiB sent it in about 3.5 ms, and none did. A larger
+    /// bound sends bursts faster into a bottleneck queue and keeps sending
+    /// into a path that cannot carry the stream instead of backing off; the
+    /// rate-based floor alone adds up to a block's pacing time to latency.
     pub fn min_window(&mut self, bytes: u64) -> &mut Self {
         self.min_window = bytes;
         self

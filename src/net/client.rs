@@ -146,7 +146,8 @@ async fn open(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<Link,
     let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
     client_config.transport_config(tls::transport(
         config.congestion,
-        crate::config::DEFAULT_MIN_WINDOW,
+        // A viewer sends control traffic only: nothing to hold a window for.
+        None,
         config.idle_timeout,
         config.keep_alive,
         Some(config.datagram_receive_buffer),
@@ -175,6 +176,7 @@ async fn open(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<Link,
         }
         Err(e) => return Err(ClientError::Protocol(e.to_string())),
     };
+    let read_at = Instant::now();
     let (stream_id, clock_us, report_interval_ms) = match msg {
         ControlMessage::Welcome {
             stream_id,
@@ -192,7 +194,9 @@ async fn open(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<Link,
         }
     };
     debug!(stream_id, rtt = ?conn.rtt(), "welcome");
-    // Welcome left the server half an RTT ago.
+    // Only the initial estimate: Welcome left the server half an RTT ago if
+    // the path is symmetric and Welcome was not retransmitted. The receiver
+    // corrects it from the datagrams' one-way offsets (see `Receiver::set_clock`).
     let half_rtt = conn.rtt() / 2;
     Ok(Link {
         conn,
@@ -200,7 +204,7 @@ async fn open(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<Link,
         reader,
         stream_id,
         sender_clock_us: clock_us + half_rtt.as_micros() as u64,
-        at: Instant::now(),
+        at: read_at,
         report_interval: Duration::from_millis(report_interval_ms.clamp(50, 60_000)),
     })
 }

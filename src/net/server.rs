@@ -207,7 +207,7 @@ impl Server {
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server_config.transport_config(tls::transport(
             config.congestion,
-            config.min_window,
+            Some(Arc::new(super::cc::RateFloor::new(config.min_window))),
             config.idle_timeout,
             config.keep_alive,
             // Viewers have no reason to send datagrams; a small buffer lets us

@@ -12,7 +12,7 @@ use std::{
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use super::cc::FlooredFactory;
+use super::cc::{FlooredFactory, RateFloor};
 use crate::{
     config::{CongestionControl, Identity},
     TlsError,
@@ -194,10 +194,12 @@ pub(crate) fn client_crypto(
 ///
 /// Datagrams are enabled with the given receive buffer (None: refuse datagrams,
 /// as the server does: viewers have no reason to send any) and send buffer. The
-/// congestion controller is a media decision; see [`CongestionControl`].
+/// congestion controller is a media decision; see [`CongestionControl`]. Its
+/// window never falls below `floor` (see [`RateFloor`]); `None`, as on a
+/// viewer that sends control traffic only, leaves the controller alone.
 pub(crate) fn transport(
     cc: CongestionControl,
-    min_window: u64,
+    floor: Option<Arc<RateFloor>>,
     idle: Duration,
     keep_alive: Duration,
     datagram_receive: Option<usize>,
@@ -211,55 +213,74 @@ pub(crate) fn transport(
         // One control stream per connection; refuse the rest.
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into());
-    set_congestion(&mut t, cc, min_window);
+    install_congestion(&mut t, cc, floor);
     Arc::new(t)
 }
 
 /// Installs controller `cc` with a window that starts at, and never falls
-/// below, `min_window` bytes (0: the controller's own behaviour).
+/// below, a constant `min_window` bytes (0: the controller's own behaviour).
 ///
 /// Public so that benchmarks and apps that build their own quinn endpoints can
-/// use exactly the congestion settings quicast uses.
+/// use the same controllers quicast uses. quicast's own server uses a floor
+/// that follows the stream's rate instead (see `ServerConfig::min_window`).
 pub fn set_congestion(t: &mut quinn::TransportConfig, cc: CongestionControl, min_window: u64) {
+    install_congestion(t, cc, Some(Arc::new(RateFloor::fixed(min_window))));
+}
+
+fn install_congestion(
+    t: &mut quinn::TransportConfig,
+    cc: CongestionControl,
+    floor: Option<Arc<RateFloor>>,
+) {
     use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
-    fn floored<F>(mut inner: F, init: impl FnOnce(&mut F), floor: u64) -> Arc<FlooredFactory<F>> {
-        init(&mut inner);
-        Arc::new(FlooredFactory {
-            inner: Arc::new(inner),
-            floor,
-        })
+    fn floored<F: quinn::congestion::ControllerFactory + Send + Sync + 'static>(
+        t: &mut quinn::TransportConfig,
+        mut inner: F,
+        initial_window: impl FnOnce(&mut F, u64),
+        floor: Option<Arc<RateFloor>>,
+    ) {
+        match floor {
+            Some(floor) => {
+                // A zero floor leaves the controller's own initial window alone.
+                if floor.initial() > 0 {
+                    initial_window(&mut inner, floor.initial());
+                }
+                t.congestion_controller_factory(Arc::new(FlooredFactory {
+                    inner: Arc::new(inner),
+                    floor,
+                }));
+            }
+            None => {
+                t.congestion_controller_factory(Arc::new(inner));
+            }
+        }
     }
-    // A zero floor leaves the controller's own initial window alone.
-    let w = min_window;
     match cc {
-        CongestionControl::Bbr => t.congestion_controller_factory(floored(
+        CongestionControl::Bbr => floored(
+            t,
             BbrConfig::default(),
-            |c| {
-                if w > 0 {
-                    c.initial_window(w);
-                }
+            |c, w| {
+                c.initial_window(w);
             },
-            w,
-        )),
-        CongestionControl::Cubic => t.congestion_controller_factory(floored(
+            floor,
+        ),
+        CongestionControl::Cubic => floored(
+            t,
             CubicConfig::default(),
-            |c| {
-                if w > 0 {
-                    c.initial_window(w);
-                }
+            |c, w| {
+                c.initial_window(w);
             },
-            w,
-        )),
-        CongestionControl::NewReno => t.congestion_controller_factory(floored(
+            floor,
+        ),
+        CongestionControl::NewReno => floored(
+            t,
             NewRenoConfig::default(),
-            |c| {
-                if w > 0 {
-                    c.initial_window(w);
-                }
+            |c, w| {
+                c.initial_window(w);
             },
-            w,
-        )),
-    };
+            floor,
+        ),
+    }
 }
 
 #[cfg(test)]

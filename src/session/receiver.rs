@@ -126,16 +126,99 @@ impl ReceiverConfig {
     }
 }
 
+/// Length of one epoch of the one-way offset minimum. The windowed minimum
+/// is over the current and the previous epoch, so it always covers between one
+/// and two epochs of datagrams (2 to 4 s).
+///
+/// Longer rides out longer quiet spells of the sender and finds the path's
+/// floor among more samples; shorter follows drift with less lag (the lag is
+/// at most two epochs of drift: 0.4 ms at 100 ppm).
+const CLOCK_EPOCH: Duration = Duration::from_secs(2);
+
+/// Fastest the mapping moves *later*, in parts per million of elapsed time.
+///
+/// A rising offset minimum is either the sender's clock running slow (crystals
+/// are off by up to about 100 ppm each, so 200 ppm between two) or the path
+/// getting slower for longer than the window (a route change, a standing
+/// queue). The first must be followed or deadlines come ever earlier and
+/// blocks are lost; the second must not be followed quickly, or a slower path
+/// would silently stretch every deadline instead of showing up as latency.
+/// 500 ppm follows any real drift in full and absorbs a path that got 10 ms
+/// slower over no less than 20 s. A falling minimum is followed at once: a
+/// datagram cannot arrive before it was sent.
+const CLOCK_MAX_SLEW_PPM: i64 = 500;
+
 /// Maps the sender's microsecond clock onto local `Instant`s.
+///
+/// PURE: every method takes the local time as an argument.
+///
+/// The mapping starts from an estimate (Welcome's `clock_us` plus half the
+/// RTT, read at `local`) and is then corrected by the one-way offset of every
+/// datagram, `offset = arrival - (local + ts - sender_us)`, the way SRT's
+/// TSBPD drift tracer follows the sender:
+///
+/// - *Never before it was sent.* The correction never exceeds the smallest
+///   offset in the window: a datagram that would have arrived before the
+///   mapped instant of its timestamp moves the mapping earlier to its arrival.
+///   A Welcome that arrived late (a retransmission, a slow first read) made
+///   the estimate late by that much; the first datagrams undo it.
+/// - *Follows the windowed minimum.* After one full epoch the correction moves
+///   by every change of `min(offset)` over the current and previous epoch:
+///   down at once, up at most [`CLOCK_MAX_SLEW_PPM`]. Only the minimum counts,
+///   so jitter and queueing (which only ever add delay) do not move it; drift
+///   of the two clocks moves the minimum and is followed both ways.
+///
+/// `local(ts)` is therefore the instant the sender clock read `ts`, in local
+/// time, as well as the initial estimate knew it, kept from drifting, and
+/// never later than the fastest datagram allows. What the one-way delay is, no
+/// amount of one-way samples can tell: the initial estimate's error (on an
+/// asymmetric path, half the difference of the two directions) stays, except
+/// where the first rule removes it.
 #[derive(Debug, Clone, Copy)]
 struct Clock {
+    /// The sender clock read `sender_us` at local `local`: the initial estimate.
     sender_us: u64,
     local: Instant,
+    /// Correction of the initial estimate, µs; positive maps later.
+    adjust_us: i64,
+    /// The windowed minimum the correction last moved with; `None` until the
+    /// first epoch is complete, and during it only the first rule applies.
+    reference_us: Option<i64>,
+    /// Start of the current epoch; `None` before the first datagram.
+    epoch_start: Option<Instant>,
+    /// Smallest offset in the current and in the previous epoch.
+    current_min: Option<i64>,
+    previous_min: Option<i64>,
+    /// Since when allowance to move later has been accruing.
+    slew_from: Instant,
 }
 
 impl Clock {
+    /// The sender clock read `sender_us` at `local`.
+    fn new(sender_us: u64, local: Instant) -> Self {
+        Clock {
+            sender_us,
+            local,
+            adjust_us: 0,
+            reference_us: None,
+            epoch_start: None,
+            current_min: None,
+            previous_min: None,
+            slew_from: local,
+        }
+    }
+
+    /// `at - local` in µs, negative when `at` is earlier.
+    fn since_local_us(&self, at: Instant) -> i128 {
+        match at.checked_duration_since(self.local) {
+            Some(d) => d.as_micros() as i128,
+            None => -(self.local.duration_since(at).as_micros() as i128),
+        }
+    }
+
     fn sender_now(&self, now: Instant) -> u64 {
-        self.sender_us + now.saturating_duration_since(self.local).as_micros() as u64
+        let us = i128::from(self.sender_us) + self.since_local_us(now) - i128::from(self.adjust_us);
+        us.clamp(0, i128::from(u64::MAX)) as u64
     }
 
     /// Unwraps a 32-bit timestamp to the full value nearest the sender's
@@ -146,14 +229,70 @@ impl Clock {
         expected.saturating_add_signed(i64::from(delta))
     }
 
+    /// The local instant at which the sender clock read `sender_us`.
     fn local(&self, sender_us: u64) -> Instant {
-        if sender_us >= self.sender_us {
-            self.local + Duration::from_micros(sender_us - self.sender_us)
+        let us = i128::from(sender_us) - i128::from(self.sender_us) + i128::from(self.adjust_us);
+        let magnitude = Duration::from_micros(us.unsigned_abs().min(u128::from(u64::MAX)) as u64);
+        let mapped = if us >= 0 {
+            self.local.checked_add(magnitude)
         } else {
-            self.local
-                .checked_sub(Duration::from_micros(self.sender_us - sender_us))
-                .unwrap_or(self.local)
+            self.local.checked_sub(magnitude)
+        };
+        // Only a timestamp thousands of years off the estimate gets here.
+        mapped.unwrap_or(self.local)
+    }
+
+    /// A datagram stamped `sender_us` (unwrapped) arrived at `now`.
+    fn observe(&mut self, sender_us: u64, now: Instant) {
+        let offset =
+            self.since_local_us(now) - (i128::from(sender_us) - i128::from(self.sender_us));
+        let offset = offset.clamp(i128::from(i64::MIN / 2), i128::from(i64::MAX / 2)) as i64;
+        match self.epoch_start {
+            Some(start) if now.saturating_duration_since(start) < CLOCK_EPOCH => {}
+            Some(start) => {
+                // After a silence of two epochs the old minimum says nothing
+                // about the current window.
+                let adjacent = now.saturating_duration_since(start) < 2 * CLOCK_EPOCH;
+                self.previous_min = self.current_min.filter(|_| adjacent);
+                self.current_min = None;
+                self.epoch_start = Some(now);
+            }
+            None => self.epoch_start = Some(now),
         }
+        let current = self.current_min.map_or(offset, |m| m.min(offset));
+        self.current_min = Some(current);
+        let window = self.previous_min.map_or(current, |p| p.min(current));
+        if self.previous_min.is_some() {
+            match self.reference_us {
+                None => {
+                    self.reference_us = Some(window);
+                    self.slew_from = now;
+                }
+                Some(reference) if window <= reference => {
+                    self.adjust_us += window - reference;
+                    self.reference_us = Some(window);
+                    self.slew_from = now;
+                }
+                Some(reference) => {
+                    let elapsed = now.saturating_duration_since(self.slew_from).as_micros();
+                    let allowance =
+                        (elapsed.min(u128::from(u32::MAX)) as i64) * CLOCK_MAX_SLEW_PPM / 1_000_000;
+                    let step = (window - reference).min(allowance);
+                    if step == allowance {
+                        // Spent it all: what accrued past it carries over.
+                        let paid =
+                            Duration::from_micros((step * 1_000_000 / CLOCK_MAX_SLEW_PPM) as u64);
+                        self.slew_from += paid;
+                    } else {
+                        self.slew_from = now;
+                    }
+                    self.adjust_us += step;
+                    self.reference_us = Some(reference + step);
+                }
+            }
+        }
+        // A datagram never arrives before it was sent.
+        self.adjust_us = self.adjust_us.min(window);
     }
 }
 
@@ -304,15 +443,26 @@ impl Receiver {
     }
 
     /// Tells the receiver that the sender's stream clock read `sender_us` at
-    /// local instant `at` (from `Welcome`, corrected by half the RTT).
+    /// local instant `at` (from `Welcome`, corrected by half the RTT): the
+    /// initial estimate of the sender clock, which datagrams then correct.
+    ///
+    /// A block's deadline is `local(ts) + budget` and its reported latency is
+    /// `release - local(ts)`, where `local(ts)` is the local instant the sender
+    /// clock read the block's timestamp `ts`. That is this estimate, moved
+    /// earlier as far as needed that no datagram arrives before it was sent,
+    /// and moved with the smallest one-way offset over the last 2 to 4 s to
+    /// follow clock drift. So the reported latency is the time from the
+    /// publisher taking the bytes to their in-order release, including the
+    /// one-way delay, wrong by the estimate's error: on a symmetric path none;
+    /// on an asymmetric one half the difference of the two directions (short
+    /// when the path toward the viewer is the slow one); and when the estimate
+    /// came too late (a retransmitted Welcome), it is the time since the
+    /// fastest datagram's arrival instead, without the path's minimum delay.
     ///
     /// Without it, the first datagram's timestamp is taken to be "now", which
     /// hides the one-way delay from the latency figures and the deadlines.
     pub fn set_clock(&mut self, sender_us: u64, at: Instant) {
-        self.clock = Some(Clock {
-            sender_us,
-            local: at,
-        });
+        self.clock = Some(Clock::new(sender_us, at));
     }
 
     /// Handles one received datagram at `now`.
@@ -335,11 +485,14 @@ impl Receiver {
             self.stats.out_of_window += 1;
             return;
         }
-        let clock = *self.clock.get_or_insert(Clock {
-            sender_us: u64::from(header.timestamp_us),
-            local: now,
-        });
+        // Every valid shard of the stream is a sample of the one-way offset,
+        // whatever the decoder makes of it: its arrival is real.
+        let clock = self
+            .clock
+            .get_or_insert_with(|| Clock::new(u64::from(header.timestamp_us), now));
         let ts = clock.unwrap(header.timestamp_us, now);
+        clock.observe(ts, now);
+        let clock = *clock;
         let deadline = clock.local(ts) + self.config.latency;
 
         let verdict = self.decoder.insert(&header, payload, deadline);
@@ -1006,10 +1159,7 @@ mod tests {
         let t0 = Instant::now();
         // The sender clock is just below 2^32 µs when Welcome arrives.
         let base = (1u64 << 32) - 5_000;
-        let clock = Clock {
-            sender_us: base,
-            local: t0,
-        };
+        let clock = Clock::new(base, t0);
         let later = t0 + Duration::from_millis(10);
         // 10 ms later the 32-bit stamp has wrapped to 5000.
         assert_eq!(clock.unwrap(5_000, later), (1 << 32) + 5_000);
@@ -1058,5 +1208,307 @@ mod tests {
         assert_eq!(st.wrong_stream, foreign.datagrams().len() as u64);
         assert_eq!(st.malformed, 3);
         assert!(s.events().is_empty());
+    }
+}
+
+/// The viewer's clock on a moved clock: late estimates, drift, asymmetric
+/// paths and slower paths, each against the true send instants.
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+    use crate::fec::{Encoder, FecConfig};
+    use rand::{rngs::SmallRng, Rng, SeedableRng};
+
+    const BUDGET: Duration = Duration::from_millis(100);
+    /// Sender clock at the viewer's `t0`: 30 min short of the 32-bit wrap, so
+    /// an hour-long run crosses it.
+    const S0: u64 = (1 << 32) - 1_800_000_000;
+    const MS: i64 = 1000;
+
+    /// A sender and the path from it to the viewer.
+    struct Path {
+        t0: Instant,
+        /// How much faster the sender's clock runs than the viewer's.
+        ppm: f64,
+        /// One-way delay toward the viewer, µs, plus up to `jitter_us`.
+        down_us: u64,
+        jitter_us: u64,
+        rng: SmallRng,
+        encoder: Encoder,
+        seed: u64,
+    }
+
+    impl Path {
+        fn new(ppm: f64, down_ms: u64) -> Self {
+            let seed = crate::testing::seed();
+            Path {
+                t0: Instant::now(),
+                ppm,
+                down_us: down_ms * 1000,
+                jitter_us: 5_000,
+                rng: SmallRng::seed_from_u64(seed),
+                encoder: Encoder::new(1, FecConfig::default()),
+                seed,
+            }
+        }
+
+        /// Local instant at which the sender clock read `ts`.
+        fn sent(&self, ts: u64) -> Instant {
+            let secs = (ts - S0) as f64 / 1e6 / (1.0 + self.ppm * 1e-6);
+            self.t0 + Duration::from_secs_f64(secs)
+        }
+
+        /// The sender clock at local instant `at`.
+        fn sender_at(&self, at: Instant) -> u64 {
+            let secs = at.duration_since(self.t0).as_secs_f64();
+            S0 + (secs * 1e6 * (1.0 + self.ppm * 1e-6)).round() as u64
+        }
+
+        /// Block `seq`, stamped `ts`: 2 data + 1 parity shards with their
+        /// arrival instants, in arrival order.
+        fn block(&mut self, seq: u64, ts: u64) -> Vec<(Instant, Bytes)> {
+            let block = self
+                .encoder
+                .encode(seq, ts as u32, Flags::empty(), &[seq as u8; 2000])
+                .unwrap();
+            let sent = self.sent(ts);
+            let mut out: Vec<_> = block
+                .datagrams()
+                .iter()
+                .map(|dg| {
+                    let us = self.down_us + self.rng.random_range(0..=self.jitter_us);
+                    (sent + Duration::from_micros(us), dg.clone())
+                })
+                .collect();
+            out.sort_by_key(|(at, _)| *at);
+            out
+        }
+    }
+
+    /// `a - b` in µs.
+    fn diff_us(a: Instant, b: Instant) -> i64 {
+        match a.checked_duration_since(b) {
+            Some(d) => d.as_micros() as i64,
+            None => -(b.duration_since(a).as_micros() as i64),
+        }
+    }
+
+    /// What a [`drive`] saw.
+    struct Run {
+        receiver: Receiver,
+        /// Largest |reported - true| median latency over 10 s report intervals, µs.
+        worst_p50_error_us: i64,
+        /// Mapping error `local(ts) - sent(ts)` of each block at its first
+        /// shard (positive: deadline later than the truth), µs.
+        errors_us: Vec<i64>,
+    }
+
+    /// Sends blocks `seqs` through `path` into `receiver`, one per
+    /// `interval_ms` of the sender's clock from `start` (sender µs), and
+    /// compares the mapping and the reports with the truth.
+    fn drive(
+        path: &mut Path,
+        receiver: Receiver,
+        start: u64,
+        seqs: std::ops::Range<u64>,
+        interval_ms: u64,
+    ) -> Run {
+        let mut run = Run {
+            receiver,
+            worst_p50_error_us: 0,
+            errors_us: Vec::new(),
+        };
+        let mut truth = Vec::new();
+        let mut next_report = None;
+        let first = seqs.start;
+        for seq in seqs {
+            let ts = start + (seq - first) * interval_ms * 1000;
+            for (i, (at, dg)) in path.block(seq, ts).into_iter().enumerate() {
+                run.receiver.handle_datagram(at, dg);
+                if i == 0 {
+                    let clock = run.receiver.clock.expect("a clock after a datagram");
+                    run.errors_us.push(diff_us(clock.local(ts), path.sent(ts)));
+                }
+                while let Some(ev) = run.receiver.poll_event() {
+                    if let Event::Block { timestamp_us, .. } = ev {
+                        truth.push(diff_us(at, path.sent(timestamp_us)));
+                    }
+                }
+                let due = *next_report.get_or_insert(at + Duration::from_secs(10));
+                if at >= due && !truth.is_empty() {
+                    let report = run.receiver.report(at);
+                    truth.sort_unstable();
+                    let true_p50 = truth[(truth.len() - 1) / 2];
+                    let error = (report.latency_p50_us as i64 - true_p50).abs();
+                    run.worst_p50_error_us = run.worst_p50_error_us.max(error);
+                    truth.clear();
+                    next_report = Some(due + Duration::from_secs(10));
+                }
+            }
+        }
+        run
+    }
+
+    fn receiver(sender_us: u64, at: Instant) -> Receiver {
+        let mut r = Receiver::new(ReceiverConfig::new(1, BUDGET));
+        r.set_clock(sender_us, at);
+        r
+    }
+
+    /// The Welcome's first transmission was lost and the retransmission came
+    /// 300 ms later: the estimate maps every timestamp 300 ms late. The first
+    /// datagram pulls it back (nothing arrives before it was sent), so a
+    /// block that cannot be rebuilt is given up near its true deadline, not
+    /// 300 ms after it, and no block is lost to the moves of the clock.
+    #[test]
+    fn a_late_welcome_is_undone_by_the_first_datagrams() {
+        let mut path = Path::new(0.0, 20);
+        let seed = path.seed;
+        // Welcome written at t0, read 20 ms + 300 ms later; half the RTT is
+        // 20 ms on this path.
+        let read = path.t0 + Duration::from_millis(320);
+        let mut r = receiver(S0 + 20_000, read);
+        // Before any datagram the estimate is 300 ms late.
+        let late = diff_us(
+            r.clock.unwrap().local(S0 + 400_000),
+            path.sent(S0 + 400_000),
+        );
+        assert!((299 * MS..=301 * MS).contains(&late), "seed {seed}: {late}");
+        r.start(read);
+        // The stream starts when the viewer reads Welcome.
+        let start = path.sender_at(read);
+        let mut run = drive(&mut path, r, start, 0..300, 33);
+        let st = run.receiver.stats();
+        assert_eq!(
+            (st.blocks_delivered, st.blocks_lost),
+            (300, 0),
+            "seed {seed}"
+        );
+        // Mapped no later than the fastest datagram allows: the one-way delay
+        // plus the least jitter, never the 300 ms.
+        let worst = *run.errors_us[1..].iter().max().unwrap();
+        assert!(worst <= 25 * MS, "seed {seed}: mapping {worst} µs late");
+        let settled = run.errors_us.last().unwrap();
+        assert!(
+            (20 * MS..=21 * MS).contains(settled),
+            "seed {seed}: {settled}"
+        );
+        // A block of which only one of its two data shards arrives is given
+        // up at its deadline as the corrected clock puts it.
+        let ts = start + 300 * 33_000;
+        let shards = path.block(300, ts);
+        let (first, dg) = shards[0].clone();
+        run.receiver.handle_datagram(first, dg);
+        let deadline = run.receiver.poll_timeout().expect("a pending block");
+        let late = diff_us(deadline, path.sent(ts) + BUDGET);
+        assert!((20 * MS..=21 * MS).contains(&late), "seed {seed}: {late}");
+        run.receiver.handle_timeout(deadline);
+        assert_eq!(run.receiver.poll_event(), Some(Event::Lost { seq: 300 }));
+    }
+
+    /// 100 ppm in either direction is 360 ms over an hour, more than three
+    /// budgets. Tracked, no block is lost and the reported latency stays
+    /// within 2 ms of the truth the whole hour (with the untracked estimate
+    /// the slow sender's blocks would all be lost after about 17 minutes, and
+    /// the fast sender's latency would show the one-way delay less).
+    #[test]
+    fn clock_drift_either_way_is_followed_for_an_hour() {
+        for ppm in [100.0, -100.0] {
+            let mut path = Path::new(ppm, 20);
+            let seed = path.seed;
+            // The estimate is right at t0 (a symmetric path).
+            let r = receiver(S0, path.t0);
+            let blocks = 36_000; // an hour at 10 blocks/s, 3 datagrams each
+            let run = drive(&mut path, r, S0 + 1000, 0..blocks, 100);
+            let st = run.receiver.stats();
+            assert_eq!(
+                (st.blocks_delivered, st.blocks_lost, st.shards_late),
+                (blocks, 0, 0),
+                "seed {seed}, {ppm} ppm"
+            );
+            let worst = run.errors_us.iter().map(|e| e.abs()).max().unwrap();
+            assert!(
+                worst <= 2 * MS,
+                "seed {seed}, {ppm} ppm: mapping off by {worst} µs"
+            );
+            assert!(
+                run.worst_p50_error_us <= 2 * MS,
+                "seed {seed}, {ppm} ppm: latency off by {} µs",
+                run.worst_p50_error_us
+            );
+        }
+    }
+
+    /// 20 ms toward the viewer, nothing back. With the estimate right the
+    /// latency shown is the one-way delay. With Welcome + RTT/2 the estimate is
+    /// 10 ms off, toward later deadlines on this path and earlier ones on the
+    /// mirrored path; tracking never makes either worse than that error.
+    #[test]
+    fn an_asymmetric_path_keeps_the_estimate_error_and_no_more() {
+        // The estimate right: latency is the one-way delay plus jitter.
+        let mut path = Path::new(0.0, 20);
+        let seed = path.seed;
+        let r = receiver(S0, path.t0);
+        let run = drive(&mut path, r, S0 + 1000, 0..600, 100);
+        let p50 = run.receiver.stats().latency().p50;
+        assert!((21.0..=24.0).contains(&p50), "seed {seed}: p50 {p50} ms");
+        assert!(run.worst_p50_error_us <= 2 * MS, "seed {seed}");
+        assert!(run.errors_us.iter().all(|e| e.abs() <= MS), "seed {seed}");
+
+        // Welcome + RTT/2, RTT 20 ms: written at t0, read at t0 + 20 ms as
+        // S0 + 10 ms. Mapped 10 ms late: deadlines later, latency short.
+        let mut path = Path::new(0.0, 20);
+        let read = path.t0 + Duration::from_millis(20);
+        let r = receiver(S0 + 10_000, read);
+        let run = drive(&mut path, r, S0 + 30_000, 0..600, 100);
+        let (lo, hi) = minmax(&run.errors_us);
+        assert!(
+            9 * MS <= lo && hi <= 11 * MS,
+            "seed {}: {lo}..{hi}",
+            path.seed
+        );
+        assert_eq!(run.receiver.stats().blocks_lost, 0);
+
+        // Mirrored: nothing toward the viewer, 20 ms back. Welcome read at t0
+        // as S0 + 10 ms: mapped 10 ms early, and never earlier than that.
+        let mut path = Path::new(0.0, 0);
+        let r = receiver(S0 + 10_000, path.t0);
+        let run = drive(&mut path, r, S0 + 1000, 0..600, 100);
+        let (lo, hi) = minmax(&run.errors_us);
+        assert!(
+            -11 * MS <= lo && hi <= -9 * MS,
+            "seed {}: {lo}..{hi}",
+            path.seed
+        );
+        assert_eq!(run.receiver.stats().blocks_lost, 0);
+    }
+
+    fn minmax(v: &[i64]) -> (i64, i64) {
+        (*v.iter().min().unwrap(), *v.iter().max().unwrap())
+    }
+
+    /// A path that becomes 30 ms slower for good is latency to report, not
+    /// drift to follow at once: the mapping moves later no faster than
+    /// [`CLOCK_MAX_SLEW_PPM`], so the next 10 s show the added delay.
+    #[test]
+    fn a_slower_path_shows_as_latency_before_it_is_absorbed() {
+        let mut path = Path::new(0.0, 20);
+        let seed = path.seed;
+        let r = receiver(S0, path.t0);
+        let before = drive(&mut path, r, S0 + 1000, 0..100, 100);
+        path.down_us += 30_000;
+        let start = S0 + 1000 + 100 * 100_000;
+        let after = drive(&mut path, before.receiver, start, 100..200, 100);
+        // 10 s at 500 ppm: at most 5 ms of the 30 ms absorbed.
+        let moved = *after.errors_us.iter().max().unwrap();
+        assert!(
+            moved <= 5 * MS + MS,
+            "seed {seed}: moved {moved} µs in 10 s"
+        );
+        let p99 = after.receiver.stats().latency().p99;
+        assert!(
+            p99 >= 45.0,
+            "seed {seed}: p99 {p99} ms hides the slower path"
+        );
     }
 }
