@@ -108,10 +108,6 @@ impl RateFloor {
     /// The stream now sends `bytes_per_sec` media bytes per second (data and
     /// parity shards, headers included) in blocks of up to `block_bytes`.
     /// 0 forgets the rate: the initial floor applies again.
-    #[allow(
-        dead_code,
-        reason = "the publisher in server.rs calls it once wired; until then the initial floor applies"
-    )]
     pub(crate) fn set_rate(&self, bytes_per_sec: u64, block_bytes: u64) {
         // Two independent stores: a controller reading between them sizes one
         // floor with the old block, which is harmless.

@@ -149,6 +149,10 @@ struct Shared {
     config: ServerConfig,
     /// The redundancy policy, capped at what is encoded.
     policy: crate::analytics::RedundancyPolicy,
+    /// The congestion-window floor every connection's controller reads; the
+    /// pumps keep it at the stream's rate. One per endpoint, so with streams
+    /// of different rates it follows whichever viewer updated it last.
+    floor: Arc<super::cc::RateFloor>,
     streams: Mutex<HashMap<String, StreamEntry>>,
     next_stream_id: AtomicU32,
     next_viewer: AtomicU64,
@@ -205,9 +209,10 @@ impl Server {
     ) -> Result<Server, ServerError> {
         let crypto = tls::server_crypto(&config.identity)?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let floor = Arc::new(super::cc::RateFloor::new(config.min_window));
         server_config.transport_config(tls::transport(
             config.congestion,
-            Some(Arc::new(super::cc::RateFloor::new(config.min_window))),
+            Some(floor.clone()),
             config.idle_timeout,
             config.keep_alive,
             // Viewers have no reason to send datagrams; a small buffer lets us
@@ -240,6 +245,7 @@ impl Server {
             shared: Arc::new(Shared {
                 config,
                 policy,
+                floor,
                 streams: Mutex::new(HashMap::new()),
                 next_stream_id: AtomicU32::new(1),
                 next_viewer: AtomicU64::new(1),
@@ -869,6 +875,7 @@ async fn serve(shared: &Shared, incoming: quinn::Incoming) -> Result<(), ConnEnd
         sender: Sender::new(sender, conn.rtt()),
         congested: false,
         handed: 0,
+        floor_set: None,
     };
     let result = pump(shared, &conn, &mut send, &mut reader, &mut rx, &mut viewer).await;
     // Whatever quinn took but never put on the wire was dropped at the sender.
@@ -908,6 +915,8 @@ struct Viewer {
     congested: bool,
     /// Datagrams handed to quinn.
     handed: u64,
+    /// When this viewer last set the congestion floor's rate.
+    floor_set: Option<Instant>,
 }
 
 impl Viewer {
@@ -1048,7 +1057,15 @@ async fn pump(
             item = rx.recv(), if linger.is_none() => match item {
                 Ok(Item::Block(block, at)) => {
                     trace!(target: "quicast::cc", seq = block.seq(), path = ?conn.stats().path, space = conn.datagram_send_buffer_space(), "block");
-                    viewer.sender.push_block(Instant::now(), block, at);
+                    let now = Instant::now();
+                    let wire = block.wire_bytes(usize::MAX) as u64;
+                    viewer.sender.push_block(now, block, at);
+                    if viewer.floor_set.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+                        viewer.floor_set = Some(now);
+                        // Data at the measured rate plus at most all encoded parity.
+                        let rate = viewer.sender.rate() * (1.0 + shared.config.fec.redundancy());
+                        shared.floor.set_rate(rate as u64, wire);
+                    }
                 }
                 Ok(Item::End { last_seq }) => {
                     control::write(send, &ControlMessage::EndOfStream { last_seq }).await?;
