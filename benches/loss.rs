@@ -1,44 +1,56 @@
-//! The loss benchmark: quicast's FEC datagrams vs plain datagrams vs one
-//! reliable QUIC stream, side by side, under the same seeded loss.
+//! The loss benchmark: quicast's FEC datagrams against plain datagrams, a QUIC
+//! stream per block with a deadline, and one ordered QUIC stream, side by side
+//! under the same seeded loss.
 //!
 //! ```text
-//! cargo bench --bench loss                 # full sweep
-//! cargo bench --bench loss -- --quick      # 0% and 5% iid, 5% bursty: about a minute
+//! cargo bench --bench loss                 # full sweep (about 35 minutes)
+//! cargo bench --bench loss -- --quick      # 5% iid and bursty, both budgets: under 2 minutes
 //! cargo bench --bench loss -- --help
 //! ```
 //!
-//! Every mode runs over the same in-process path: the viewer's socket is a
+//! Every mode runs over the same in-process path. The viewer's socket is a
 //! `sim::LossySocket` that delays both directions by the one-way delay and
-//! drops packets towards the viewer with the chosen model and seed. It sits
-//! below QUIC, so quinn's loss recovery and congestion control react as they
-//! would on a real path. Latency is measured the same way for every mode: from
-//! the instant the publisher handed the block over to the instant the viewer's
-//! application got it, on one process clock.
+//! drops packets in both directions with the chosen model and seed (upstream
+//! loss hits acknowledgements, reports and repair requests as it would on a
+//! real path); with a bottleneck, packets towards the viewer also pass a
+//! rate-limited drop-tail queue first. The socket sits below QUIC, so quinn's
+//! loss recovery and congestion control react as they would on a real path.
 //!
-//! Writes a Markdown table to stdout, `target/loss-bench/results.csv` and
-//! `target/loss-bench/latency.svg`.
+//! Latency is measured the same way for every mode: from the instant the
+//! publisher handed the block over to the instant the viewer's application had
+//! all of it, on one process clock. Every published block counts: one that
+//! arrived within the budget is on time, one that arrived after it is late, one
+//! that never arrived is lost, and percentiles are taken over all of them, so a
+//! percentile that falls on a late or lost block is beyond the budget (`inf`).
+//!
+//! Writes a Markdown table to stdout, `target/loss-bench/results.csv` (one row
+//! per run and budget) and `target/loss-bench/latency.svg`.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Parser;
-use hdrhistogram::Histogram;
 use quicast::{
     config::FecConfig,
     sim::{Impairment, LinkConfig, LossModel, LossySocket},
     Client, ClientConfig, CongestionControl, Event, Parity, Server, ServerConfig,
 };
 
-/// FEC datagrams vs plain datagrams vs a reliable QUIC stream under seeded loss.
+/// quicast FEC datagrams vs plain datagrams vs QUIC streams under seeded loss.
 #[derive(Debug, Clone, Parser)]
 struct Opts {
-    /// A short subset: 0% and 5% iid loss and 5% bursty loss, all three modes.
+    /// A short subset: 5% iid and 5% bursty loss, every budget and mode, the
+    /// first seed only, 5 s per run.
     #[arg(long)]
     quick: bool,
     /// Media bitrate, bits per second.
@@ -47,11 +59,13 @@ struct Opts {
     /// One-way delay of the simulated path, milliseconds (both directions).
     #[arg(long, default_value_t = 20)]
     delay_ms: u64,
-    /// Latency budget, milliseconds. Default: one-way delay + 10.
-    #[arg(long)]
-    budget_ms: Option<u64>,
-    /// Seconds of media per run.
-    #[arg(long, default_value_t = 8.0)]
+    /// Viewer latency budgets to sweep, milliseconds, comma separated. The
+    /// defaults sit below and above one round trip (2 x 20 ms).
+    #[arg(long, value_delimiter = ',', default_value = "30,100")]
+    budgets: Vec<u64>,
+    /// Seconds of media per run. The default gives 675 blocks per run, so three
+    /// seeds pool 2025 blocks per cell.
+    #[arg(long, default_value_t = 14.2)]
     seconds: f64,
     /// Bytes per block (multiple of 188).
     #[arg(long, default_value_t = 188 * 112)]
@@ -72,28 +86,52 @@ struct Opts {
     /// controller's own behaviour.
     #[arg(long, default_value_t = quicast::config::DEFAULT_MIN_WINDOW)]
     min_window: u64,
+    /// Loss models to sweep, comma separated: iid, bursty.
+    #[arg(long, value_delimiter = ',', default_value = "iid,bursty")]
+    models: Vec<String>,
     /// Mean burst length of the bursty (Gilbert-Elliott) model, packets.
     #[arg(long, default_value_t = 4.0)]
     burst: f64,
-    /// Loss rates to sweep, comma separated fractions.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "0,0.01,0.02,0.05,0.10,0.20"
-    )]
+    /// Loss rates of the iid model, comma separated fractions.
+    #[arg(long, value_delimiter = ',', default_value = "0,0.01,0.05,0.10")]
     losses: Vec<f64>,
+    /// Loss rates of the bursty model, comma separated fractions.
+    #[arg(long, value_delimiter = ',', default_value = "0.05")]
+    bursty_losses: Vec<f64>,
+    /// Loss rate from the viewer towards the server. Default: the same as
+    /// towards the viewer, with the same model.
+    #[arg(long)]
+    loss_up: Option<f64>,
+    /// Bottleneck towards the viewer for every run of the loss sweep, Mbit/s.
+    /// Default: unlimited.
+    #[arg(long)]
+    bandwidth_mbps: Option<f64>,
+    /// Extra rows of the full sweep: the stream through these bottlenecks,
+    /// Mbit/s, comma separated (empty or 0: none), at `--bottleneck-loss` iid
+    /// loss.
+    #[arg(long, value_delimiter = ',', default_value = "10,6", value_parser = rate_or_none)]
+    bottlenecks: Vec<f64>,
+    /// iid loss of the bottleneck rows (both directions unless --loss-up).
+    #[arg(long, default_value_t = 0.05)]
+    bottleneck_loss: f64,
+    /// Depth of the bottleneck's drop-tail queue, in milliseconds of its rate.
+    #[arg(long, default_value_t = 50.0)]
+    queue_ms: f64,
     /// Modes to run, comma separated: fec (adaptive parity, as shipped),
-    /// fec-fixed (a fixed parity ratio), datagram, stream.
+    /// fec-fixed (a fixed parity ratio), datagram (no parity), stream-per-block
+    /// (raw quinn, one stream per block reset at its deadline), stream (raw
+    /// quinn, one ordered stream).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "fec,fec-fixed,datagram,stream"
+        default_value = "fec,fec-fixed,datagram,stream-per-block,stream"
     )]
-    modes: Vec<String>,
-    /// Seed of the loss pattern (the same for every mode).
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
-    /// Skip the saturation rows.
+    modes: Vec<Mode>,
+    /// Seeds of the loss pattern (each the same for every mode); the table
+    /// shows the median over them, the CSV every one.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    seeds: Vec<u64>,
+    /// Skip the loopback saturation rows.
     #[arg(long)]
     no_saturation: bool,
     /// Output directory. Default target/loss-bench.
@@ -104,9 +142,52 @@ struct Opts {
     bench: bool,
 }
 
-impl Opts {
-    fn budget(&self) -> Duration {
-        Duration::from_millis(self.budget_ms.unwrap_or(self.delay_ms + 10))
+/// `--bottlenecks ''` means none.
+fn rate_or_none(s: &str) -> Result<f64, String> {
+    if s.trim().is_empty() {
+        return Ok(0.0);
+    }
+    s.parse().map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Mode {
+    Fec,
+    FecFixed,
+    Datagram,
+    StreamPerBlock,
+    Stream,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "fec" => Mode::Fec,
+            "fec-fixed" => Mode::FecFixed,
+            "datagram" => Mode::Datagram,
+            "stream-per-block" => Mode::StreamPerBlock,
+            "stream" => Mode::Stream,
+            _ => return Err(format!("unknown mode {s:?}")),
+        })
+    }
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Fec => "fec",
+            Mode::FecFixed => "fec-fixed",
+            Mode::Datagram => "datagram",
+            Mode::StreamPerBlock => "stream-per-block",
+            Mode::Stream => "stream",
+        }
+    }
+
+    /// Whether the sender or receiver acts on the budget. The ordered stream
+    /// does not, so one run of it is scored against every budget.
+    fn uses_budget(self) -> bool {
+        self != Mode::Stream
     }
 }
 
@@ -133,71 +214,186 @@ impl Model {
     }
 }
 
+/// The simulated path of one run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct PathSpec {
+    model: Model,
+    /// Towards the viewer.
+    loss: f64,
+    /// Towards the server.
+    loss_up: f64,
+    /// Bottleneck towards the viewer, Mbit/s.
+    bandwidth_mbps: Option<f64>,
+}
+
+impl PathSpec {
+    fn model_name(&self) -> &'static str {
+        if self.loss > 0.0 || self.loss_up > 0.0 {
+            self.model.name()
+        } else {
+            "none"
+        }
+    }
+}
+
+/// What one run measured, before it is scored against a budget.
+struct Outcome {
+    /// Per published block: publish-to-application latency in microseconds, or
+    /// `None` if it never arrived.
+    latency_us: Vec<Option<u64>>,
+    /// UDP payload bytes the sender's socket sent.
+    wire_bytes: u64,
+    /// UDP payload bytes the viewer's socket sent.
+    feedback_bytes: u64,
+    /// Datagrams quicast's sender discarded itself (`ServerStats::datagrams_dropped`).
+    sender_drops: u64,
+    /// Packets the bottleneck queue dropped.
+    queue_drops: u64,
+    /// Blocks whose stream the sender reset at the deadline (stream-per-block).
+    streams_reset: u64,
+}
+
+/// One run scored against one budget: a CSV row.
 #[derive(Debug, Clone)]
 struct Row {
-    mode: String,
-    model: String,
-    loss: f64,
-    delay_ms: u64,
-    bitrate_mbps: f64,
-    on_time_pct: f64,
-    lost_pct: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    p999_ms: f64,
-    max_ms: f64,
+    mode: Mode,
+    path: PathSpec,
+    budget_ms: u64,
+    seed: u64,
+    blocks: u64,
+    on_time: u64,
+    late: u64,
     overhead_pct: f64,
-    goodput_mbps: f64,
-    sender_dropped: u64,
+    feedback_pct: f64,
+    sender_drops: u64,
+    queue_drops: u64,
+    streams_reset: u64,
+    /// Per block: latency in ms if on time, `INFINITY` if late or lost.
+    scored_ms: Vec<f64>,
+}
+
+impl Row {
+    fn score(
+        opts: &Opts,
+        mode: Mode,
+        path: PathSpec,
+        budget_ms: u64,
+        seed: u64,
+        o: &Outcome,
+    ) -> Self {
+        let budget_us = budget_ms * 1000;
+        let mut on_time = 0;
+        let mut late = 0;
+        let scored_ms = o
+            .latency_us
+            .iter()
+            .map(|l| match *l {
+                Some(us) if us <= budget_us => {
+                    on_time += 1;
+                    us as f64 / 1000.0
+                }
+                Some(_) => {
+                    late += 1;
+                    f64::INFINITY
+                }
+                None => f64::INFINITY,
+            })
+            .collect();
+        let blocks = o.latency_us.len() as u64;
+        let media = (blocks * opts.block_size as u64).max(1) as f64;
+        Row {
+            mode,
+            path,
+            budget_ms,
+            seed,
+            blocks,
+            on_time,
+            late,
+            overhead_pct: 100.0 * (o.wire_bytes as f64 / media - 1.0),
+            feedback_pct: 100.0 * o.feedback_bytes as f64 / media,
+            sender_drops: o.sender_drops,
+            queue_drops: o.queue_drops,
+            streams_reset: o.streams_reset,
+            scored_ms,
+        }
+    }
+
+    fn pct(&self, n: u64) -> f64 {
+        100.0 * n as f64 / self.blocks.max(1) as f64
+    }
+
+    fn lost(&self) -> u64 {
+        self.blocks - self.on_time - self.late
+    }
+}
+
+/// The `q` quantile of per-block values (`INFINITY` for a block not on time),
+/// nearest rank.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Progress markers, with `LOSS_BENCH_DEBUG` set.
-fn stage(what: &str) {
-    if std::env::var_os("LOSS_BENCH_DEBUG").is_some() {
-        eprintln!("  [{what}]");
-    }
+fn debug() -> bool {
+    std::env::var_os("LOSS_BENCH_DEBUG").is_some()
 }
 
-/// When each block was handed to the sender, by sequence number.
-type Published = Arc<Mutex<Vec<Instant>>>;
-
-/// What the viewer side measured.
-struct Received {
-    latency: Histogram<u64>,
-    on_time: u64,
-    on_time_bytes: u64,
-    delivered: u64,
-    seen: std::collections::HashSet<u64>,
+/// Publish instants and arrival latencies of one run, shared by its sender
+/// and viewer tasks.
+#[derive(Clone)]
+struct Clock {
+    published: Arc<Mutex<Vec<Instant>>>,
+    latency_us: Arc<Mutex<Vec<Option<u64>>>>,
 }
 
-impl Received {
-    fn new() -> Self {
-        Received {
-            latency: Histogram::new_with_bounds(1, 600_000_000, 3).unwrap(),
-            on_time: 0,
-            on_time_bytes: 0,
-            delivered: 0,
-            seen: Default::default(),
+impl Clock {
+    fn new(n: u64) -> Self {
+        Clock {
+            published: Arc::new(Mutex::new(Vec::with_capacity(n as usize))),
+            latency_us: Arc::new(Mutex::new(vec![None; n as usize])),
         }
     }
 
-    fn missing(&self, n: u64) -> Vec<u64> {
-        (0..n).filter(|s| !self.seen.contains(s)).collect()
+    fn publish(&self) -> Instant {
+        let now = Instant::now();
+        self.published.lock().unwrap().push(now);
+        now
     }
 
-    fn record(&mut self, published: &Published, seq: u64, len: usize, budget: Duration) {
-        let Some(at) = published.lock().unwrap().get(seq as usize).copied() else {
+    fn published(&self, seq: u64) -> Option<Instant> {
+        self.published.lock().unwrap().get(seq as usize).copied()
+    }
+
+    /// Block `seq` is complete at the viewer now. Only its first arrival counts.
+    fn arrived(&self, seq: u64) {
+        let Some(at) = self.published(seq) else {
             return;
         };
-        let latency = at.elapsed();
-        self.seen.insert(seq);
-        self.latency
-            .saturating_record((latency.as_micros() as u64).max(1));
-        self.delivered += 1;
-        if latency <= budget {
-            self.on_time += 1;
-            self.on_time_bytes += len as u64;
+        let us = (at.elapsed().as_micros() as u64).max(1);
+        if let Some(slot) = self.latency_us.lock().unwrap().get_mut(seq as usize) {
+            slot.get_or_insert(us);
         }
+    }
+
+    fn latencies(&self) -> Vec<Option<u64>> {
+        self.latency_us.lock().unwrap().clone()
     }
 }
 
@@ -209,21 +405,33 @@ fn server_socket() -> anyhow::Result<Arc<LossySocket>> {
     )?)
 }
 
-/// The viewer's socket: the path's delay both ways, loss towards the viewer.
-fn viewer_socket(opts: &Opts, model: Model, loss: f64) -> anyhow::Result<Arc<LossySocket>> {
+/// The viewer's socket: the path's delay and loss both ways and, towards the
+/// viewer, the bottleneck.
+fn viewer_socket(opts: &Opts, path: PathSpec, seed: u64) -> anyhow::Result<Arc<LossySocket>> {
     let delay = Duration::from_millis(opts.delay_ms);
     let mut inbound = LinkConfig::default();
-    inbound.loss(model.loss(loss)?).delay(delay);
+    inbound.loss(path.model.loss(path.loss)?).delay(delay);
+    if let Some(mbps) = path.bandwidth_mbps {
+        let rate = (mbps * 1e6) as u64;
+        inbound
+            .bandwidth(Some(rate))
+            .queue_limit(queue_bytes(rate, opts.queue_ms));
+    }
     let mut outbound = LinkConfig::default();
-    outbound.delay(delay);
+    outbound.loss(path.model.loss(path.loss_up)?).delay(delay);
     Ok(quicast::sim::bind(
         "127.0.0.1:0".parse()?,
         Impairment {
             inbound,
             outbound,
-            seed: opts.seed,
+            seed,
         },
     )?)
+}
+
+/// Bytes a drop-tail queue holds for `ms` of a `rate` bit/s link.
+fn queue_bytes(rate: u64, ms: f64) -> usize {
+    (rate as f64 / 8.0 * ms / 1000.0) as usize
 }
 
 fn blocks(opts: &Opts) -> (u64, Duration) {
@@ -240,21 +448,20 @@ fn block(seq: u64, len: usize) -> Bytes {
     Bytes::from(v)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Dgram {
-    /// As shipped: parity per viewer from its reported loss.
-    Adaptive,
-    /// Every viewer gets `fixed_redundancy` parity.
-    Fixed,
-    /// No parity at all.
-    Plain,
-}
+/// Time a run may take beyond its media: the viewer's tail, then shutdown.
+const TAIL: Duration = Duration::from_secs(5);
 
-/// quicast over datagrams.
-async fn run_quicast(opts: &Opts, model: Model, loss: f64, mode: Dgram) -> anyhow::Result<Row> {
+/// quicast over datagrams, through its public API only.
+async fn run_quicast(
+    opts: &Opts,
+    mode: Mode,
+    path: PathSpec,
+    budget: Duration,
+    seed: u64,
+) -> anyhow::Result<Outcome> {
     let (cert, identity) = quicast::net::tls::self_signed_identity()?;
     let mut fc = FecConfig::default();
-    fc.set_redundancy(if mode == Dgram::Fixed {
+    fc.set_redundancy(if mode == Mode::FecFixed {
         opts.fixed_redundancy
     } else {
         opts.redundancy
@@ -267,10 +474,13 @@ async fn run_quicast(opts: &Opts, model: Model, loss: f64, mode: Dgram) -> anyho
         .min_window(opts.min_window)
         // Reports twice a second, so the adaptive loop settles early in a run.
         .report_interval(Duration::from_millis(500))
+        // Only `fec` is quicast as shipped, with repair on request; `fec-fixed`
+        // is proactive parity alone and `datagram` no recovery at all.
+        .repair(mode == Mode::Fec)
         .parity(match mode {
-            Dgram::Adaptive => Parity::Adaptive,
-            Dgram::Fixed => Parity::All,
-            Dgram::Plain => Parity::Fixed(0),
+            Mode::Fec => Parity::Adaptive,
+            Mode::FecFixed => Parity::All,
+            _ => Parity::Fixed(0),
         });
     let ssock = server_socket()?;
     let server = Server::bind_socket(config, ssock.clone())?;
@@ -278,83 +488,88 @@ async fn run_quicast(opts: &Opts, model: Model, loss: f64, mode: Dgram) -> anyho
     let mut publisher = server.publish("bench", None)?;
     let driver = tokio::spawn(server.run());
 
-    let vsock = viewer_socket(opts, model, loss)?;
+    let vsock = viewer_socket(opts, path, seed)?;
     let endpoint = Client::endpoint(addr, Some(vsock.clone()))?;
     let mut cc = ClientConfig::new(addr, "bench");
-    cc.add_root(cert).latency(opts.budget()).congestion(opts.cc);
+    cc.add_root(cert).latency(budget).congestion(opts.cc);
     let mut viewer = Client::connect_with(&endpoint, cc).await?;
-    stage("connected");
 
     let (n, interval) = blocks(opts);
-    let published: Published = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
+    let clock = Clock::new(n);
     let block_size = opts.block_size;
-    let pubs = published.clone();
+    let pubs = clock.clone();
     let publishing = tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         for seq in 0..n {
             tick.tick().await;
-            pubs.lock().unwrap().push(Instant::now());
+            pubs.publish();
             publisher.send(block(seq, block_size), seq % 50 == 0)?;
         }
         publisher.finish();
         anyhow::Ok(())
     });
-    let budget = opts.budget();
-    let mut rx = Received::new();
-    let limit = Duration::from_secs_f64(opts.seconds) + Duration::from_secs(5);
+    let limit = Duration::from_secs_f64(opts.seconds) + TAIL;
     let _ = tokio::time::timeout(limit, async {
         while let Some(ev) = viewer.next().await {
             match ev {
-                Ok(Event::Block { seq, data, .. }) => {
-                    rx.record(&published, seq, data.len(), budget)
-                }
+                Ok(Event::Block { seq, .. }) => clock.arrived(seq),
                 Ok(Event::End) | Err(_) => break,
                 Ok(_) => {}
             }
         }
     })
     .await;
-    stage("viewed");
     publishing.await??;
-    stage("published");
     let sstats = server.stats();
-    if std::env::var("LOSS_BENCH_DEBUG").is_ok() {
+    if debug() {
         let v = viewer.stats();
         eprintln!(
-            "sender drops {} late shards {} lost {} missing {:?}",
+            "  sender drops {} skipped {} late shards {} lost {} recovered {}",
             sstats.datagrams_dropped,
+            sstats.blocks_skipped,
             v.shards_late,
             v.blocks_lost,
-            rx.missing(n)
+            v.blocks_recovered,
         );
     }
     viewer.close();
     server.shutdown(Duration::from_millis(200)).await;
-    stage("shut down");
     driver.abort();
-    Ok(row(
-        opts,
-        match mode {
-            Dgram::Adaptive => "fec",
-            Dgram::Fixed => "fec-fixed",
-            Dgram::Plain => "datagram",
-        },
-        model,
-        loss,
-        n,
-        &rx,
-        ssock.stats().outbound.bytes_delivered,
-        sstats.datagrams_dropped,
-    ))
+    let v = vsock.stats();
+    Ok(Outcome {
+        latency_us: clock.latencies(),
+        wire_bytes: ssock.stats().outbound.bytes_offered,
+        feedback_bytes: v.outbound.bytes_offered,
+        sender_drops: sstats.datagrams_dropped,
+        queue_drops: v.inbound.dropped_queue,
+        streams_reset: 0,
+    })
+}
+
+/// Transport settings of the raw-quinn modes.
+///
+/// Congestion control, initial window and window floor are quicast's own
+/// (`set_congestion`), so the comparison is FEC against retransmission, not
+/// one controller against another. quinn paces every connection the same way.
+fn raw_transport(opts: &Opts, mode: Mode, datagram_receive: usize) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    quicast::net::tls::set_congestion(&mut t, opts.cc, opts.min_window);
+    t.datagram_receive_buffer_size(Some(datagram_receive));
+    if mode == Mode::StreamPerBlock {
+        // Older blocks are sent (and retransmitted) first: the earliest
+        // deadline first, which is what meets most deadlines while the path
+        // keeps up. Round-robin between live blocks would make all of them late
+        // together.
+        t.send_fairness(false);
+    }
+    t
 }
 
 /// quinn server and client configs for the raw-quinn modes: a fresh
-/// self-signed certificate the client trusts (verification on), quicast's
-/// congestion settings, and `datagram_receive` bytes of datagram buffer.
+/// self-signed certificate the client trusts (verification on).
 fn raw_quinn(
-    opts: &Opts,
-    datagram_receive: usize,
+    transport: quinn::TransportConfig,
 ) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
     let (cert, key) = quicast::net::tls::self_signed()?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -363,9 +578,6 @@ fn raw_quinn(
         .with_no_client_auth()
         .with_single_cert(vec![cert.clone()], key)?;
     tls.alpn_protocols = vec![b"bench".to_vec()];
-    let mut transport = quinn::TransportConfig::default();
-    set_cc(&mut transport, opts);
-    transport.datagram_receive_buffer_size(Some(datagram_receive));
     let transport = Arc::new(transport);
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
@@ -385,30 +597,75 @@ fn raw_quinn(
     Ok((sc, cc))
 }
 
-/// The same blocks written to one reliable QUIC stream with quinn alone.
-async fn run_stream(opts: &Opts, model: Model, loss: f64) -> anyhow::Result<Row> {
-    let (sc, cc) = raw_quinn(opts, 1 << 20)?;
-    let runtime = Arc::new(quinn::TokioRuntime);
-    let ssock = server_socket()?;
-    let server = quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
-        Some(sc),
-        ssock.clone(),
-        runtime.clone(),
-    )?;
-    let addr: SocketAddr = server.local_addr()?;
-    let vsock = viewer_socket(opts, model, loss)?;
-    let client = quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
-        None,
-        vsock,
-        runtime,
-    )?;
+/// A server endpoint on a perfect socket and a client endpoint on the
+/// impaired one, both raw quinn.
+struct RawPair {
+    server: quinn::Endpoint,
+    client: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    addr: SocketAddr,
+    ssock: Arc<LossySocket>,
+    vsock: Arc<LossySocket>,
+}
 
+impl RawPair {
+    fn new(opts: &Opts, mode: Mode, path: PathSpec, seed: u64) -> anyhow::Result<Self> {
+        let (sc, client_config) = raw_quinn(raw_transport(opts, mode, 1 << 20))?;
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let ssock = server_socket()?;
+        let server = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            Some(sc),
+            ssock.clone(),
+            runtime.clone(),
+        )?;
+        let addr = server.local_addr()?;
+        let vsock = viewer_socket(opts, path, seed)?;
+        let client = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            None,
+            vsock.clone(),
+            runtime,
+        )?;
+        Ok(RawPair {
+            server,
+            client,
+            client_config,
+            addr,
+            ssock,
+            vsock,
+        })
+    }
+
+    async fn connect(&self) -> anyhow::Result<quinn::Connection> {
+        Ok(self
+            .client
+            .connect_with(self.client_config.clone(), self.addr, "localhost")?
+            .await?)
+    }
+
+    fn outcome(&self, clock: &Clock, streams_reset: u64) -> Outcome {
+        let v = self.vsock.stats();
+        Outcome {
+            latency_us: clock.latencies(),
+            wire_bytes: self.ssock.stats().outbound.bytes_offered,
+            feedback_bytes: v.outbound.bytes_offered,
+            sender_drops: 0,
+            queue_drops: v.inbound.dropped_queue,
+            streams_reset,
+        }
+    }
+}
+
+/// The same blocks written to one reliable, ordered QUIC stream with quinn
+/// alone: the weakest reliable baseline, kept for comparison.
+async fn run_stream(opts: &Opts, path: PathSpec, seed: u64) -> anyhow::Result<Outcome> {
+    let pair = RawPair::new(opts, Mode::Stream, path, seed)?;
     let (n, interval) = blocks(opts);
-    let published: Published = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
+    let clock = Clock::new(n);
     let block_size = opts.block_size;
-    let pubs = published.clone();
+    let pubs = clock.clone();
+    let server = pair.server.clone();
     let sending = tokio::spawn(async move {
         let conn = server.accept().await.context("no connection")?.await?;
         let mut send = conn.open_uni().await?;
@@ -416,20 +673,18 @@ async fn run_stream(opts: &Opts, model: Model, loss: f64) -> anyhow::Result<Row>
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         for seq in 0..n {
             tick.tick().await;
-            pubs.lock().unwrap().push(Instant::now());
+            pubs.publish();
             let b = block(seq, block_size);
             send.write_all(&(b.len() as u32).to_be_bytes()).await?;
             send.write_all(&b).await?;
         }
         send.finish()?;
-        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-        anyhow::Ok(server)
+        let _ = tokio::time::timeout(TAIL, conn.closed()).await;
+        anyhow::Ok(())
     });
-    let conn = client.connect_with(cc, addr, "localhost")?.await?;
+    let conn = pair.connect().await?;
     let mut recv = conn.accept_uni().await?;
-    let budget = opts.budget();
-    let mut rx = Received::new();
-    let limit = Duration::from_secs_f64(opts.seconds) + Duration::from_secs(5);
+    let limit = Duration::from_secs_f64(opts.seconds) + TAIL;
     let _ = tokio::time::timeout(limit, async {
         let mut len = [0u8; 4];
         let mut buf = vec![0u8; block_size];
@@ -438,81 +693,130 @@ async fn run_stream(opts: &Opts, model: Model, loss: f64) -> anyhow::Result<Row>
                 break;
             }
             let l = u32::from_be_bytes(len) as usize;
+            if l > block_size {
+                break;
+            }
             buf.resize(l, 0);
             if recv.read_exact(&mut buf).await.is_err() {
                 break;
             }
-            rx.record(&published, seq, l, budget);
+            clock.arrived(seq);
         }
     })
     .await;
     conn.close(0u32.into(), b"done");
-    let server = sending.await??;
-    server.close(0u32.into(), b"done");
-    Ok(row(
-        opts,
-        "stream",
-        model,
-        loss,
-        n,
-        &rx,
-        ssock.stats().outbound.bytes_delivered,
-        0,
-    ))
+    sending.await??;
+    Ok(pair.outcome(&clock, 0))
 }
 
-/// The stream mode gets the same congestion controller and initial window as
-/// quicast, so the comparison isolates FEC against retransmission.
-fn set_cc(t: &mut quinn::TransportConfig, opts: &Opts) {
-    quicast::net::tls::set_congestion(t, opts.cc, opts.min_window);
-}
+/// Application error code of a stream abandoned at its deadline.
+const EXPIRED: u32 = 1;
 
-#[allow(clippy::too_many_arguments)]
-fn row(
+/// Every block on its own unidirectional QUIC stream with quinn alone, reset by
+/// the sender when the block's deadline passes (the MoQ model): a lost packet
+/// is retransmitted while the block can still make it, and never after.
+///
+/// The viewer accepts streams concurrently, so one stuck block never holds up
+/// the next. It reads a block until the sender's reset ends it, at most until
+/// the deadline plus the one-way delay (the reset's flight time); a block
+/// completed after its deadline counts as late.
+async fn run_stream_per_block(
     opts: &Opts,
-    mode: &str,
-    model: Model,
-    loss: f64,
-    published: u64,
-    rx: &Received,
-    wire_bytes: u64,
-    sender_dropped: u64,
-) -> Row {
-    let media = published * opts.block_size as u64;
-    let q = |q: f64| {
-        if rx.latency.is_empty() {
-            f64::NAN
-        } else {
-            rx.latency.value_at_quantile(q) as f64 / 1000.0
+    path: PathSpec,
+    budget: Duration,
+    seed: u64,
+) -> anyhow::Result<Outcome> {
+    let pair = RawPair::new(opts, Mode::StreamPerBlock, path, seed)?;
+    let (n, interval) = blocks(opts);
+    let clock = Clock::new(n);
+    let block_size = opts.block_size;
+    let pubs = clock.clone();
+    let server = pair.server.clone();
+    let resets = Arc::new(AtomicU64::new(0));
+    let reset_count = resets.clone();
+    let sending = tokio::spawn(async move {
+        let conn = server.accept().await.context("no connection")?.await?;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut blocks = tokio::task::JoinSet::new();
+        for seq in 0..n {
+            tick.tick().await;
+            let deadline = pubs.publish() + budget;
+            // Opened here, in order, so that stream index = sequence number.
+            let mut send = conn.open_uni().await?;
+            // The earliest deadline first; see `raw_transport`.
+            let _ = send.set_priority(i32::MAX - seq as i32);
+            let b = block(seq, block_size);
+            let resets = reset_count.clone();
+            blocks.spawn(async move {
+                let delivered = tokio::time::timeout_at(deadline.into(), async {
+                    send.write_all(&b).await?;
+                    send.finish()?;
+                    // Resolves once the viewer acknowledged every byte.
+                    send.stopped().await?;
+                    anyhow::Ok(())
+                })
+                .await;
+                if delivered.is_err() && send.reset(EXPIRED.into()).is_ok() {
+                    resets.fetch_add(1, Relaxed);
+                }
+            });
+            // Reap finished blocks so the set stays at the blocks in flight.
+            while blocks.try_join_next().is_some() {}
         }
-    };
-    let pct = |n: u64| 100.0 * n as f64 / published.max(1) as f64;
-    Row {
-        mode: mode.into(),
-        model: if loss > 0.0 { model.name() } else { "none" }.into(),
-        loss,
-        delay_ms: opts.delay_ms,
-        bitrate_mbps: opts.bitrate as f64 / 1e6,
-        on_time_pct: pct(rx.on_time),
-        lost_pct: pct(published - rx.delivered.min(published)),
-        p50_ms: q(0.5),
-        p99_ms: q(0.99),
-        p999_ms: q(0.999),
-        max_ms: if rx.latency.is_empty() {
-            f64::NAN
-        } else {
-            rx.latency.max() as f64 / 1000.0
-        },
-        overhead_pct: 100.0 * (wire_bytes as f64 / media.max(1) as f64 - 1.0),
-        goodput_mbps: rx.on_time_bytes as f64 * 8.0 / opts.seconds / 1e6,
-        sender_dropped,
-    }
+        while blocks.join_next().await.is_some() {}
+        let _ = tokio::time::timeout(TAIL, conn.closed()).await;
+        anyhow::Ok(())
+    });
+    let conn = pair.connect().await?;
+    let one_way = Duration::from_millis(opts.delay_ms);
+    let limit = Duration::from_secs_f64(opts.seconds) + TAIL;
+    let _ = tokio::time::timeout(limit, async {
+        let mut readers = tokio::task::JoinSet::new();
+        let mut accepted = 0;
+        while accepted < n {
+            let Ok(mut recv) = conn.accept_uni().await else {
+                break;
+            };
+            accepted += 1;
+            let seq = recv.id().index();
+            let Some(published) = clock.published(seq) else {
+                let _ = recv.stop(EXPIRED.into());
+                continue;
+            };
+            let give_up = published + budget + one_way;
+            let clock = clock.clone();
+            readers.spawn(async move {
+                let read =
+                    tokio::time::timeout_at(give_up.into(), recv.read_to_end(block_size + 1))
+                        .await;
+                match read {
+                    Ok(Ok(data))
+                        if data.len() == block_size
+                            && data[..8] == seq.to_be_bytes()[..] =>
+                    {
+                        clock.arrived(seq)
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        let _ = recv.stop(EXPIRED.into());
+                    }
+                }
+            });
+            while readers.try_join_next().is_some() {}
+        }
+        while readers.join_next().await.is_some() {}
+    })
+    .await;
+    conn.close(0u32.into(), b"done");
+    sending.await??;
+    Ok(pair.outcome(&clock, resets.load(Relaxed)))
 }
 
 /// Raw quinn datagram throughput on loopback: 1200-byte datagrams, as fast as
-/// `send_datagram_wait` allows, for `secs`.
-async fn saturation_raw(opts: &Opts, secs: f64) -> anyhow::Result<Row> {
-    let (sc, cc) = raw_quinn(opts, 8 << 20)?;
+/// `send_datagram_wait` allows, for `secs`. Returns (Mbit/s received, % lost).
+async fn saturation_raw(opts: &Opts, secs: f64) -> anyhow::Result<(f64, f64)> {
+    let (sc, cc) = raw_quinn(raw_transport(opts, Mode::Datagram, 8 << 20))?;
     let server = quinn::Endpoint::server(sc, "127.0.0.1:0".parse()?)?;
     let addr = server.local_addr()?;
     let mut client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
@@ -545,27 +849,16 @@ async fn saturation_raw(opts: &Opts, secs: f64) -> anyhow::Result<Row> {
     let elapsed = start.elapsed().as_secs_f64().min(secs + 0.5);
     conn.close(0u32.into(), b"done");
     let (sent, size) = sender.await??;
-    Ok(Row {
-        mode: "raw-datagram-saturation".into(),
-        model: "none".into(),
-        loss: 0.0,
-        delay_ms: 0,
-        bitrate_mbps: f64::NAN,
-        on_time_pct: f64::NAN,
-        lost_pct: 100.0 * (1.0 - got as f64 / sent.max(1) as f64),
-        p50_ms: f64::NAN,
-        p99_ms: f64::NAN,
-        p999_ms: f64::NAN,
-        max_ms: f64::NAN,
-        overhead_pct: f64::NAN,
-        goodput_mbps: got as f64 * size as f64 * 8.0 / elapsed / 1e6,
-        sender_dropped: 0,
-    })
+    Ok((
+        got as f64 * size as f64 * 8.0 / elapsed / 1e6,
+        100.0 * (1.0 - got as f64 / sent.max(1) as f64),
+    ))
 }
 
 /// quicast media goodput at saturation: blocks published as fast as the
-/// publisher can encode them, for `secs`, one viewer on loopback.
-async fn saturation_quicast(opts: &Opts, secs: f64) -> anyhow::Result<Row> {
+/// publisher can encode them, for `secs`, one viewer on loopback. Returns
+/// (Mbit/s of media delivered, % of blocks lost, sender drops).
+async fn saturation_quicast(opts: &Opts, secs: f64) -> anyhow::Result<(f64, f64, u64)> {
     let (cert, identity) = quicast::net::tls::self_signed_identity()?;
     let mut fc = FecConfig::default();
     fc.set_redundancy(opts.redundancy)?;
@@ -618,87 +911,191 @@ async fn saturation_quicast(opts: &Opts, secs: f64) -> anyhow::Result<Row> {
     viewer.close();
     server.shutdown(Duration::from_millis(200)).await;
     driver.abort();
-    Ok(Row {
-        mode: "fec-saturation".into(),
-        model: "none".into(),
-        loss: 0.0,
-        delay_ms: 0,
-        bitrate_mbps: published as f64 * block_size as f64 * 8.0 / secs / 1e6,
-        on_time_pct: f64::NAN,
-        lost_pct: 100.0 * (1.0 - stats.blocks_delivered as f64 / published.max(1) as f64),
-        p50_ms: stats.latency().p50,
-        p99_ms: stats.latency().p99,
-        p999_ms: stats.latency().p999,
-        max_ms: stats.latency().max,
-        overhead_pct: 100.0 * (sstats.bytes_sent as f64 / sstats.media_bytes.max(1) as f64 - 1.0),
-        goodput_mbps: bytes as f64 * 8.0 / elapsed.min(secs + 3.0) / 1e6,
-        sender_dropped: sstats.datagrams_dropped,
-    })
+    Ok((
+        bytes as f64 * 8.0 / elapsed.min(secs + 3.0) / 1e6,
+        100.0 * (1.0 - stats.blocks_delivered as f64 / published.max(1) as f64),
+        sstats.datagrams_dropped,
+    ))
 }
 
 fn fmt(v: f64, digits: usize) -> String {
     if v.is_nan() {
         "–".into()
+    } else if v.is_infinite() {
+        "inf".into()
     } else {
         format!("{v:.digits$}")
     }
 }
 
-fn print_table(opts: &Opts, rows: &[Row]) {
-    println!();
-    println!(
-        "Loss sweep: {:.1} Mbit/s, {} ms one-way delay, {} ms budget, {} byte blocks, fec: adaptive parity up to {:.0}%, fec-fixed: {:.0}%, {:?}, seed {}, {} s per run",
-        opts.bitrate as f64 / 1e6,
-        opts.delay_ms,
-        opts.budget().as_millis(),
-        opts.block_size,
-        opts.redundancy * 100.0,
-        opts.fixed_redundancy * 100.0,
-        opts.cc,
-        opts.seed,
-        opts.seconds
-    );
-    println!();
-    println!("| mode | model | loss % | on time % | lost % | p50 ms | p99 ms | p99.9 ms | max ms | overhead % | goodput Mbit/s | sender drops |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for r in rows {
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            r.mode,
-            r.model,
-            fmt(r.loss * 100.0, 0),
-            fmt(r.on_time_pct, 2),
-            fmt(r.lost_pct, 2),
-            fmt(r.p50_ms, 1),
-            fmt(r.p99_ms, 1),
-            fmt(r.p999_ms, 1),
-            fmt(r.max_ms, 1),
-            fmt(r.overhead_pct, 1),
-            fmt(r.goodput_mbps, 2),
-            r.sender_dropped
-        );
+fn fmt_bw(b: Option<f64>) -> String {
+    b.map_or_else(|| "–".into(), |r| format!("{r}"))
+}
+
+/// Rows of one cell (mode, path, budget) over its seeds.
+struct Cell<'a> {
+    rows: Vec<&'a Row>,
+    /// Every block of every seed, sorted (`INFINITY` = not on time).
+    pooled: Vec<f64>,
+}
+
+impl Cell<'_> {
+    fn first(&self) -> &Row {
+        self.rows[0]
+    }
+
+    fn blocks(&self) -> u64 {
+        self.rows.iter().map(|r| r.blocks).sum()
+    }
+
+    fn pooled_pct(&self, f: impl Fn(&Row) -> u64) -> f64 {
+        100.0 * self.rows.iter().map(|r| f(r)).sum::<u64>() as f64 / self.blocks().max(1) as f64
+    }
+
+    fn median(&self, f: impl Fn(&Row) -> f64) -> f64 {
+        median(self.rows.iter().map(|r| f(r)).collect())
+    }
+
+    fn on_time_pct(&self) -> f64 {
+        self.pooled_pct(|r| r.on_time)
+    }
+
+    fn p(&self, q: f64) -> f64 {
+        quantile(&self.pooled, q)
     }
 }
 
-fn write_csv(path: &std::path::Path, rows: &[Row]) -> anyhow::Result<()> {
-    let mut out = String::from("mode,model,loss,delay_ms,bitrate_mbps,on_time_pct,lost_pct,p50_ms,p99_ms,p999_ms,max_ms,overhead_pct,goodput_mbps,sender_dropped\n");
-    for r in rows {
-        out += &format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+/// Groups rows into cells, in sweep order: bandwidth, budget, model, loss, mode.
+fn cells(rows: &[Row]) -> Vec<Cell<'_>> {
+    type Key = (u64, u64, u8, u64, u64, Mode);
+    let key = |r: &Row| -> Key {
+        (
+            r.path.bandwidth_mbps.map_or(0, |b| 1_000_000 - (b * 1000.0) as u64),
+            r.budget_ms,
+            matches!(r.path.model, Model::Bursty(_)) as u8,
+            (r.path.loss * 1e6) as u64,
+            (r.path.loss_up * 1e6) as u64,
             r.mode,
-            r.model,
-            r.loss,
-            r.delay_ms,
-            fmt(r.bitrate_mbps, 3),
-            fmt(r.on_time_pct, 3),
-            fmt(r.lost_pct, 3),
-            fmt(r.p50_ms, 3),
-            fmt(r.p99_ms, 3),
-            fmt(r.p999_ms, 3),
-            fmt(r.max_ms, 3),
+        )
+    };
+    let mut map: BTreeMap<Key, Vec<&Row>> = BTreeMap::new();
+    for r in rows {
+        map.entry(key(r)).or_default().push(r);
+    }
+    map.into_values()
+        .map(|rows| {
+            let mut pooled: Vec<f64> = rows
+                .iter()
+                .flat_map(|r| r.scored_ms.iter().copied())
+                .collect();
+            pooled.sort_by(f64::total_cmp);
+            Cell { rows, pooled }
+        })
+        .collect()
+}
+
+fn print_table(opts: &Opts, rows: &[Row], failed: &[String]) {
+    let cells = cells(rows);
+    let most = cells.iter().map(Cell::blocks).max().unwrap_or(0);
+    let least = cells.iter().map(Cell::blocks).min().unwrap_or(0);
+    println!();
+    println!(
+        "Loss sweep: {:.1} Mbit/s of {} byte blocks, {} ms one-way delay, loss both ways{}, fec: adaptive parity up to {:.0}%, fec-fixed: {:.0}%, {:?} (window floor {} B) for every mode, seeds {:?}, {} s per run",
+        opts.bitrate as f64 / 1e6,
+        opts.block_size,
+        opts.delay_ms,
+        opts.loss_up
+            .map_or(String::new(), |u| format!(" (upstream {:.1}%)", u * 100.0)),
+        opts.redundancy * 100.0,
+        opts.fixed_redundancy * 100.0,
+        opts.cc,
+        opts.min_window,
+        opts.seeds,
+        opts.seconds,
+    );
+    println!(
+        "On time, late, lost and the percentiles pool every block of a cell's seeds ({least} to {most} blocks a cell: one block is {:.3}% to {:.3}%); \
+         a percentile beyond the budget is inf. \"seeds\" is on time per seed: median [min, max]. Overhead, feedback and drops are medians over seeds; \
+         resets: streams not yet acknowledged at their deadline, reset by the sender. Bottleneck rows: drop-tail queue of {} ms of the rate.",
+        100.0 / most.max(1) as f64,
+        100.0 / least.max(1) as f64,
+        opts.queue_ms,
+    );
+    println!();
+    println!("| mode | model | loss % | budget ms | bottleneck Mbit/s | blocks | on time % | seeds | late % | lost % | p50 ms | p99 ms | p99.9 ms | overhead % | feedback % | sender drops | queue drops | resets |");
+    println!("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for c in &cells {
+        let r = c.first();
+        let per_seed: Vec<f64> = c.rows.iter().map(|r| r.pct(r.on_time)).collect();
+        let lo = per_seed.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = per_seed.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        println!(
+            "| {} | {} | {}{} | {} | {} | {} | {} | {} [{}, {}] | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.mode.name(),
+            r.path.model_name(),
+            fmt(r.path.loss * 100.0, 0),
+            if r.path.loss_up != r.path.loss {
+                format!(" (up {})", fmt(r.path.loss_up * 100.0, 0))
+            } else {
+                String::new()
+            },
+            r.budget_ms,
+            fmt_bw(r.path.bandwidth_mbps),
+            c.blocks(),
+            fmt(c.on_time_pct(), 2),
+            fmt(median(per_seed.clone()), 2),
+            fmt(lo, 2),
+            fmt(hi, 2),
+            fmt(c.pooled_pct(|r| r.late), 2),
+            fmt(c.pooled_pct(Row::lost), 2),
+            fmt(c.p(0.5), 1),
+            fmt(c.p(0.99), 1),
+            fmt(c.p(0.999), 1),
+            fmt(c.median(|r| r.overhead_pct), 1),
+            fmt(c.median(|r| r.feedback_pct), 2),
+            fmt(c.median(|r| r.sender_drops as f64), 0),
+            fmt(c.median(|r| r.queue_drops as f64), 0),
+            fmt(c.median(|r| r.streams_reset as f64), 0),
+        );
+    }
+    for f in failed {
+        println!();
+        println!("FAILED: {f}");
+    }
+}
+
+fn write_csv(path: &Path, opts: &Opts, rows: &[Row]) -> anyhow::Result<()> {
+    let mut out = String::from(
+        "mode,model,loss,budget_ms,bandwidth_mbps,seed,blocks,on_time_pct,late_pct,lost_pct,p50_ms,p99_ms,p999_ms,overhead_pct,feedback_pct,sender_drops,loss_up,queue_drops,streams_reset,queue_ms,delay_ms,bitrate_mbps,cc\n",
+    );
+    for r in rows {
+        let mut sorted = r.scored_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        out += &format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:?}\n",
+            r.mode.name(),
+            r.path.model_name(),
+            r.path.loss,
+            r.budget_ms,
+            r.path.bandwidth_mbps.map_or(String::new(), |b| b.to_string()),
+            r.seed,
+            r.blocks,
+            fmt(r.pct(r.on_time), 3),
+            fmt(r.pct(r.late), 3),
+            fmt(r.pct(r.lost()), 3),
+            fmt(quantile(&sorted, 0.5), 3),
+            fmt(quantile(&sorted, 0.99), 3),
+            fmt(quantile(&sorted, 0.999), 3),
             fmt(r.overhead_pct, 2),
-            fmt(r.goodput_mbps, 3),
-            r.sender_dropped
+            fmt(r.feedback_pct, 3),
+            r.sender_drops,
+            r.path.loss_up,
+            r.queue_drops,
+            r.streams_reset,
+            r.path.bandwidth_mbps.map_or(String::new(), |_| opts.queue_ms.to_string()),
+            opts.delay_ms,
+            opts.bitrate as f64 / 1e6,
+            opts.cc,
         )
         .replace('–', "");
     }
@@ -706,113 +1103,214 @@ fn write_csv(path: &std::path::Path, rows: &[Row]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn plot(path: &std::path::Path, opts: &Opts, rows: &[Row]) -> anyhow::Result<()> {
+/// Colour of a mode in the plot (Okabe-Ito, readable with colour blindness).
+fn colour(mode: Mode) -> plotters::style::RGBColor {
+    use plotters::style::RGBColor;
+    match mode {
+        Mode::Fec => RGBColor(0, 114, 178),
+        Mode::FecFixed => RGBColor(204, 121, 167),
+        Mode::Datagram => RGBColor(213, 94, 0),
+        Mode::StreamPerBlock => RGBColor(0, 158, 115),
+        Mode::Stream => RGBColor(230, 159, 0),
+    }
+}
+
+/// One row of panels per budget: p99 latency and blocks not on time, both on
+/// log axes so the FEC series near the floor stay apart, and a legend panel
+/// beside them. iid lines are solid with circles, bursty dashed with
+/// triangles. Only the sweep without a bottleneck is drawn.
+fn plot(path: &Path, opts: &Opts, rows: &[Row]) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let root = SVGBackend::new(path, (1200, 520)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let title = format!(
-        "{:.0} Mbit/s, {} ms one-way, budget {} ms ({:?})",
-        opts.bitrate as f64 / 1e6,
-        opts.delay_ms,
-        opts.budget().as_millis(),
-        opts.cc
-    );
-    let root = root.titled(&title, ("sans-serif", 20))?;
-    let (left, right) = root.split_horizontally(600);
-    let sweep: Vec<&Row> = rows
-        .iter()
-        .filter(|r| !r.mode.contains("saturation"))
+    let cells: Vec<Cell> = cells(rows)
+        .into_iter()
+        .filter(|c| c.first().path.bandwidth_mbps.is_none())
         .collect();
-    let max_loss = sweep.iter().map(|r| r.loss * 100.0).fold(1.0, f64::max);
-    let max_p99 = sweep
+    let mut budgets: Vec<u64> = cells.iter().map(|c| c.first().budget_ms).collect();
+    budgets.sort_unstable();
+    budgets.dedup();
+    if budgets.is_empty() {
+        return Ok(());
+    }
+    let height = 60 + 380 * budgets.len() as u32;
+    let root = SVGBackend::new(path, (1400, height)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(
+        &format!(
+            "{:.0} Mbit/s, {} ms one-way, loss both ways, {:?}, no bottleneck; seeds {:?} pooled",
+            opts.bitrate as f64 / 1e6,
+            opts.delay_ms,
+            opts.cc,
+            opts.seeds
+        ),
+        ("sans-serif", 20),
+    )?;
+    let max_loss = cells
         .iter()
-        .filter(|r| !r.p99_ms.is_nan())
-        .map(|r| r.p99_ms)
-        .fold(opts.budget().as_millis() as f64 * 1.5, f64::max);
-    let series = |mode: &str, model: &str| -> Vec<&Row> {
-        let mut v: Vec<&Row> = sweep
+        .map(|c| c.first().path.loss * 100.0)
+        .fold(1.0, f64::max);
+    let mut modes: Vec<Mode> = cells.iter().map(|c| c.first().mode).collect();
+    modes.sort_unstable();
+    modes.dedup();
+    let bands = root.split_evenly((budgets.len(), 1));
+    for (band, &budget) in bands.iter().zip(&budgets) {
+        let band = band.titled(&format!("budget {budget} ms"), ("sans-serif", 17))?;
+        let (charts, legend) = band.split_horizontally(1120);
+        let (left, right) = charts.split_horizontally(560);
+        let in_band: Vec<&Cell> = cells
             .iter()
-            .copied()
-            .filter(|r| r.mode == mode && (r.model == model || r.model == "none"))
+            .filter(|c| c.first().budget_ms == budget)
             .collect();
-        v.sort_by(|a, b| a.loss.total_cmp(&b.loss));
-        v
-    };
-    let lines = [
-        ("fec", "iid", RGBColor(0, 114, 178)),
-        ("fec", "bursty", RGBColor(86, 180, 233)),
-        ("fec-fixed", "iid", RGBColor(204, 121, 167)),
-        ("fec-fixed", "bursty", RGBColor(230, 170, 200)),
-        ("datagram", "iid", RGBColor(213, 94, 0)),
-        ("datagram", "bursty", RGBColor(230, 159, 0)),
-        ("stream", "iid", RGBColor(0, 158, 115)),
-        ("stream", "bursty", RGBColor(120, 200, 160)),
-    ];
-    for (area, metric) in [(&left, "p99"), (&right, "ontime")] {
-        let (y_desc, y_max) = if metric == "p99" {
-            ("p99 block latency (ms)", max_p99)
-        } else {
-            ("blocks on time (%)", 100.0)
-        };
-        let mut chart = ChartBuilder::on(area)
-            .margin(15)
-            .x_label_area_size(40)
-            .y_label_area_size(55)
-            .build_cartesian_2d(0.0..max_loss, 0.0..y_max * 1.05)?;
-        chart
-            .configure_mesh()
-            .x_desc("loss (%)")
-            .y_desc(y_desc)
-            .draw()?;
-        for (mode, model, color) in lines {
-            let pts: Vec<(f64, f64)> = series(mode, model)
+        // A series per mode and model; a loss-free cell belongs to both.
+        let series = |mode: Mode, bursty: bool, y: &dyn Fn(&Cell) -> f64| -> Vec<(f64, f64)> {
+            let mut v: Vec<(f64, f64)> = in_band
                 .iter()
-                .map(|r| {
-                    (
-                        r.loss * 100.0,
-                        if metric == "p99" {
-                            r.p99_ms
-                        } else {
-                            r.on_time_pct
-                        },
-                    )
+                .filter(|c| {
+                    let r = c.first();
+                    r.mode == mode
+                        && (r.path.model_name() == "none"
+                            || matches!(r.path.model, Model::Bursty(_)) == bursty)
                 })
-                .filter(|(_, y)| !y.is_nan())
+                .map(|c| (c.first().path.loss * 100.0, y(c)))
                 .collect();
-            if pts.len() < 2 {
-                continue;
-            }
-            chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-                .label(format!("{mode} ({model})"))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
-            chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
-        }
-        if metric == "p99" {
-            let budget = opts.budget().as_millis() as f64;
-            chart
-                .draw_series(LineSeries::new(
-                    vec![(0.0, budget), (max_loss, budget)],
-                    BLACK.mix(0.4),
-                ))?
-                .label("latency budget")
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.4)));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK.mix(0.3))
-            .position(if metric == "p99" {
-                SeriesLabelPosition::UpperLeft
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            v
+        };
+        // p99 is either within the budget or inf: inf is drawn on a band above
+        // the budget, labelled as such.
+        let missed = budget as f64 * 1.6;
+        let p99 = |c: &Cell| c.p(0.99).min(missed);
+        // 100 - on time, floored at half a block of the cell so 0 has a place
+        // on a log axis.
+        let floor = 0.01;
+        let miss = |c: &Cell| (100.0 - c.on_time_pct()).max(floor);
+        for (area, which) in [(&left, 0), (&right, 1)] {
+            let (y_desc, lo, hi) = if which == 0 {
+                (
+                    format!("p99 latency, ms (log; top band = beyond {budget} ms)"),
+                    (opts.delay_ms as f64 * 0.8).max(1.0),
+                    budget as f64 * 2.0,
+                )
             } else {
-                SeriesLabelPosition::LowerLeft
-            })
-            .draw()?;
+                (
+                    "blocks not on time, % (log; bottom = none)".to_string(),
+                    floor * 0.8,
+                    100.0,
+                )
+            };
+            let mut chart = ChartBuilder::on(area)
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0.0..max_loss * 1.05, (lo..hi).log_scale())?;
+            chart
+                .configure_mesh()
+                .x_desc("loss each way (%)")
+                .y_desc(y_desc)
+                .draw()?;
+            if which == 0 {
+                chart.draw_series(LineSeries::new(
+                    vec![(0.0, budget as f64), (max_loss * 1.05, budget as f64)],
+                    BLACK.stroke_width(2),
+                ))?;
+                chart.draw_series(std::iter::once(Text::new(
+                    format!("budget {budget} ms"),
+                    (max_loss * 0.02, budget as f64 * 1.06),
+                    ("sans-serif", 13),
+                )))?;
+            }
+            for &mode in &modes {
+                let col = colour(mode);
+                for bursty in [false, true] {
+                    let pts = if which == 0 {
+                        series(mode, bursty, &p99)
+                    } else {
+                        series(mode, bursty, &miss)
+                    };
+                    let pts: Vec<(f64, f64)> =
+                        pts.into_iter().filter(|(_, y)| y.is_finite()).collect();
+                    let style = col.stroke_width(2);
+                    if bursty {
+                        chart.draw_series(DashedLineSeries::new(pts.clone(), 6, 4, style))?;
+                        chart.draw_series(
+                            pts.iter()
+                                .map(|&p| TriangleMarker::new(p, 5, col.filled())),
+                        )?;
+                    } else {
+                        chart.draw_series(LineSeries::new(pts.clone(), style))?;
+                        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, col.filled())))?;
+                    }
+                }
+            }
+        }
+        // The legend lives in its own panel, never over the data.
+        let font = ("sans-serif", 14).into_font();
+        let mut y = 30;
+        for &mode in &modes {
+            let col = colour(mode);
+            legend.draw(&PathElement::new(
+                vec![(10, y), (40, y)],
+                col.stroke_width(3),
+            ))?;
+            legend.draw(&Text::new(mode.name(), (50, y - 7), font.clone()))?;
+            y += 24;
+        }
+        y += 10;
+        legend.draw(&PathElement::new(vec![(10, y), (40, y)], BLACK.stroke_width(2)))?;
+        legend.draw(&Circle::new((25, y), 3, BLACK.filled()))?;
+        legend.draw(&Text::new("iid", (50, y - 7), font.clone()))?;
+        y += 24;
+        legend.draw(&plotters::element::DashedPathElement::new(
+            vec![(10, y), (40, y)],
+            6,
+            4,
+            BLACK.stroke_width(2),
+        ))?;
+        legend.draw(&TriangleMarker::new((25, y), 5, BLACK.filled()))?;
+        legend.draw(&Text::new(
+            format!("bursty (mean {})", opts.burst),
+            (50, y - 7),
+            font.clone(),
+        ))?;
     }
     root.present()?;
     Ok(())
+}
+
+/// The paths of the sweep, in order.
+fn sweep(opts: &Opts) -> anyhow::Result<Vec<PathSpec>> {
+    let up = |loss: f64| opts.loss_up.unwrap_or(loss);
+    let spec = |model, loss, bw| PathSpec {
+        model,
+        loss,
+        loss_up: up(loss),
+        bandwidth_mbps: bw,
+    };
+    let bursty = Model::Bursty(opts.burst);
+    let mut paths = Vec::new();
+    if opts.quick {
+        paths.push(spec(Model::Iid, 0.05, opts.bandwidth_mbps));
+        paths.push(spec(bursty, 0.05, opts.bandwidth_mbps));
+        return Ok(paths);
+    }
+    for m in &opts.models {
+        match m.as_str() {
+            "iid" => paths.extend(
+                opts.losses
+                    .iter()
+                    .map(|&p| spec(Model::Iid, p, opts.bandwidth_mbps)),
+            ),
+            "bursty" => paths.extend(
+                opts.bursty_losses
+                    .iter()
+                    .map(|&p| spec(bursty, p, opts.bandwidth_mbps)),
+            ),
+            other => anyhow::bail!("unknown loss model {other:?} (iid, bursty)"),
+        }
+    }
+    for &bw in opts.bottlenecks.iter().filter(|&&b| b > 0.0) {
+        paths.push(spec(Model::Iid, opts.bottleneck_loss, Some(bw)));
+    }
+    Ok(paths)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -823,23 +1321,13 @@ fn main() -> anyhow::Result<()> {
             .init();
     }
     let mut opts = Opts::parse();
-    let runs: Vec<(Model, f64)> = if opts.quick {
+    if opts.quick {
         opts.seconds = opts.seconds.min(5.0);
-        vec![
-            (Model::Iid, 0.0),
-            (Model::Iid, 0.05),
-            (Model::Bursty(opts.burst), 0.05),
-        ]
-    } else {
-        let mut v: Vec<(Model, f64)> = opts.losses.iter().map(|&p| (Model::Iid, p)).collect();
-        v.extend(
-            opts.losses
-                .iter()
-                .filter(|&&p| p > 0.0)
-                .map(|&p| (Model::Bursty(opts.burst), p)),
-        );
-        v
-    };
+        opts.seeds.truncate(1);
+    }
+    anyhow::ensure!(!opts.seeds.is_empty(), "no seeds");
+    anyhow::ensure!(!opts.budgets.is_empty(), "no budgets");
+    let paths = sweep(&opts)?;
     let out = opts
         .out
         .clone()
@@ -849,54 +1337,106 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let started = Instant::now();
     let mut rows = Vec::new();
-    for (model, loss) in runs {
-        for mode in &opts.modes {
-            let started = Instant::now();
-            // Every run is bounded: a stuck run is reported, not waited on.
-            let limit = Duration::from_secs_f64(opts.seconds) + Duration::from_secs(30);
-            let r = rt.block_on(async {
-                tokio::time::timeout(limit, async {
-                    match mode.as_str() {
-                        "fec" => run_quicast(&opts, model, loss, Dgram::Adaptive).await,
-                        "fec-fixed" => run_quicast(&opts, model, loss, Dgram::Fixed).await,
-                        "datagram" => run_quicast(&opts, model, loss, Dgram::Plain).await,
-                        "stream" => run_stream(&opts, model, loss).await,
-                        other => anyhow::bail!("unknown mode {other}"),
+    let mut failed = Vec::new();
+    for path in paths {
+        // Without loss the seed draws nothing: one run says all there is.
+        let seeds = if path.loss <= 0.0 && path.loss_up <= 0.0 {
+            &opts.seeds[..1]
+        } else {
+            &opts.seeds[..]
+        };
+        for &mode in &opts.modes {
+            let budgets: Vec<Option<u64>> = if mode.uses_budget() {
+                opts.budgets.iter().map(|&b| Some(b)).collect()
+            } else {
+                vec![None]
+            };
+            for budget in budgets {
+                for &seed in seeds {
+                    let run_started = Instant::now();
+                    let b = Duration::from_millis(budget.unwrap_or(0));
+                    // Every run is bounded: a stuck run is reported, not waited on.
+                    let limit = Duration::from_secs_f64(opts.seconds) + Duration::from_secs(30);
+                    let what = format!(
+                        "{} {} {:.0}% {} bw {} seed {seed}",
+                        mode.name(),
+                        path.model_name(),
+                        path.loss * 100.0,
+                        budget.map_or("any budget".into(), |b| format!("{b} ms")),
+                        fmt_bw(path.bandwidth_mbps),
+                    );
+                    let result = rt.block_on(async {
+                        tokio::time::timeout(limit, async {
+                            match mode {
+                                Mode::Fec | Mode::FecFixed | Mode::Datagram => {
+                                    run_quicast(&opts, mode, path, b, seed).await
+                                }
+                                Mode::StreamPerBlock => {
+                                    run_stream_per_block(&opts, path, b, seed).await
+                                }
+                                Mode::Stream => run_stream(&opts, path, seed).await,
+                            }
+                        })
+                        .await
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("did not finish in {limit:?}")))
+                    });
+                    let outcome = match result {
+                        Ok(o) => o,
+                        Err(e) => {
+                            eprintln!("{what}: FAILED: {e:#}");
+                            failed.push(format!("{what}: {e:#}"));
+                            continue;
+                        }
+                    };
+                    let scored: Vec<u64> = budget.map_or(opts.budgets.clone(), |b| vec![b]);
+                    for b in scored {
+                        let r = Row::score(&opts, mode, path, b, seed, &outcome);
+                        let mut sorted = r.scored_ms.clone();
+                        sorted.sort_by(f64::total_cmp);
+                        eprintln!(
+                            "{what} [{b} ms]: on time {:>7.3}%  late {:.2}%  p99 {:>6} ms  overhead {:>5.1}%  feedback {:.2}%  drops {}/{} resets {}  ({:.1} s, {:.0} s total)",
+                            r.pct(r.on_time),
+                            r.pct(r.late),
+                            fmt(quantile(&sorted, 0.99), 1),
+                            r.overhead_pct,
+                            r.feedback_pct,
+                            r.sender_drops,
+                            r.queue_drops,
+                            r.streams_reset,
+                            run_started.elapsed().as_secs_f64(),
+                            started.elapsed().as_secs_f64(),
+                        );
+                        rows.push(r);
                     }
-                })
-                .await
-                .map_err(|_| {
-                    anyhow::anyhow!(
-                        "{mode} {} {loss}: run did not finish in {limit:?}",
-                        model.name()
-                    )
-                })?
-            })?;
-            eprintln!(
-                "{:>8} {:>6} {:>5.1}%: on time {:>7.3}%  p99 {:>7.1} ms  overhead {:>5.1}%  ({:.1} s)",
-                r.mode,
-                r.model,
-                loss * 100.0,
-                r.on_time_pct,
-                r.p99_ms,
-                r.overhead_pct,
-                started.elapsed().as_secs_f64()
-            );
-            rows.push(r);
+                }
+            }
         }
     }
+    print_table(&opts, &rows, &failed);
     if !opts.no_saturation {
-        let secs = if opts.quick { 2.0 } else { 4.0 };
-        rows.push(rt.block_on(saturation_raw(&opts, secs))?);
-        rows.push(rt.block_on(saturation_quicast(&opts, secs))?);
+        let secs = if opts.quick { 1.0 } else { 3.0 };
+        let (raw, raw_lost) = rt.block_on(saturation_raw(&opts, secs))?;
+        let (fec, fec_lost, fec_drops) = rt.block_on(saturation_quicast(&opts, secs))?;
+        println!();
+        println!("Saturation on loopback, no impairment, {secs} s each:");
+        println!();
+        println!("| what | Mbit/s received | lost % | sender drops |");
+        println!("|---|---:|---:|---:|");
+        println!("| raw quinn, 1200-byte datagrams | {raw:.0} | {raw_lost:.2} | – |");
+        println!("| quicast fec, media delivered | {fec:.0} | {fec_lost:.2} | {fec_drops} |");
     }
-    print_table(&opts, &rows);
     let csv = out.join("results.csv");
-    write_csv(&csv, &rows)?;
+    write_csv(&csv, &opts, &rows)?;
     let svg = out.join("latency.svg");
     plot(&svg, &opts, &rows)?;
     println!();
-    println!("wrote {} and {}", csv.display(), svg.display());
+    println!(
+        "wrote {} and {} ({:.0} s)",
+        csv.display(),
+        svg.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
