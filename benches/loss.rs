@@ -788,12 +788,10 @@ async fn run_stream_per_block(
             let clock = clock.clone();
             readers.spawn(async move {
                 let read =
-                    tokio::time::timeout_at(give_up.into(), recv.read_to_end(block_size + 1))
-                        .await;
+                    tokio::time::timeout_at(give_up.into(), recv.read_to_end(block_size + 1)).await;
                 match read {
                     Ok(Ok(data))
-                        if data.len() == block_size
-                            && data[..8] == seq.to_be_bytes()[..] =>
+                        if data.len() == block_size && data[..8] == seq.to_be_bytes()[..] =>
                     {
                         clock.arrived(seq)
                     }
@@ -970,7 +968,9 @@ fn cells(rows: &[Row]) -> Vec<Cell<'_>> {
     type Key = (u64, u64, u8, u64, u64, Mode);
     let key = |r: &Row| -> Key {
         (
-            r.path.bandwidth_mbps.map_or(0, |b| 1_000_000 - (b * 1000.0) as u64),
+            r.path
+                .bandwidth_mbps
+                .map_or(0, |b| 1_000_000 - (b * 1000.0) as u64),
             r.budget_ms,
             matches!(r.path.model, Model::Bursty(_)) as u8,
             (r.path.loss * 1e6) as u64,
@@ -1023,7 +1023,9 @@ fn print_table(opts: &Opts, rows: &[Row], failed: &[String]) {
     );
     println!();
     println!("| mode | model | loss % | budget ms | bottleneck Mbit/s | blocks | on time % | seeds | late % | lost % | p50 ms | p99 ms | p99.9 ms | overhead % | feedback % | sender drops | queue drops | resets |");
-    println!("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for c in &cells {
         let r = c.first();
         let per_seed: Vec<f64> = c.rows.iter().map(|r| r.pct(r.on_time)).collect();
@@ -1077,7 +1079,9 @@ fn write_csv(path: &Path, opts: &Opts, rows: &[Row]) -> anyhow::Result<()> {
             r.path.model_name(),
             r.path.loss,
             r.budget_ms,
-            r.path.bandwidth_mbps.map_or(String::new(), |b| b.to_string()),
+            r.path
+                .bandwidth_mbps
+                .map_or(String::new(), |b| b.to_string()),
             r.seed,
             r.blocks,
             fmt(r.pct(r.on_time), 3),
@@ -1092,7 +1096,9 @@ fn write_csv(path: &Path, opts: &Opts, rows: &[Row]) -> anyhow::Result<()> {
             r.path.loss_up,
             r.queue_drops,
             r.streams_reset,
-            r.path.bandwidth_mbps.map_or(String::new(), |_| opts.queue_ms.to_string()),
+            r.path
+                .bandwidth_mbps
+                .map_or(String::new(), |_| opts.queue_ms.to_string()),
             opts.delay_ms,
             opts.bitrate as f64 / 1e6,
             opts.cc,
@@ -1232,8 +1238,7 @@ fn plot(path: &Path, opts: &Opts, rows: &[Row]) -> anyhow::Result<()> {
                     if bursty {
                         chart.draw_series(DashedLineSeries::new(pts.clone(), 6, 4, style))?;
                         chart.draw_series(
-                            pts.iter()
-                                .map(|&p| TriangleMarker::new(p, 5, col.filled())),
+                            pts.iter().map(|&p| TriangleMarker::new(p, 5, col.filled())),
                         )?;
                     } else {
                         chart.draw_series(LineSeries::new(pts.clone(), style))?;
@@ -1255,7 +1260,10 @@ fn plot(path: &Path, opts: &Opts, rows: &[Row]) -> anyhow::Result<()> {
             y += 24;
         }
         y += 10;
-        legend.draw(&PathElement::new(vec![(10, y), (40, y)], BLACK.stroke_width(2)))?;
+        legend.draw(&PathElement::new(
+            vec![(10, y), (40, y)],
+            BLACK.stroke_width(2),
+        ))?;
         legend.draw(&Circle::new((25, y), 3, BLACK.filled()))?;
         legend.draw(&Text::new("iid", (50, y - 7), font.clone()))?;
         y += 24;
