@@ -83,6 +83,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .parse()?;
     let endpoint = Client::endpoint(args.server, args.impair.socket(bind)?)?;
     let mut sub = Client::connect_with(&endpoint, config).await?;
+    // Only stderr: with `--output -` stdout carries the media and nothing else.
+    eprintln!("subscribed to {:?} at {}", args.stream, args.server);
 
     let mut output: Option<Box<dyn tokio::io::AsyncWrite + Unpin + Send>> =
         match args.output.as_deref() {
@@ -92,6 +94,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 tokio::fs::File::create(path).await?,
             ))),
         };
+    let to_stdout = args.output.as_deref() == Some("-");
     let started = std::time::Instant::now();
     let live = std::io::stderr().is_terminal();
     let stop = tokio::time::sleep(Duration::from_secs_f64(
@@ -106,6 +109,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 Some(Ok(Event::Block { data, .. })) => {
                     if let Some(out) = output.as_mut() {
                         out.write_all(&data).await?;
+                        if to_stdout {
+                            // std's stdout is line buffered: without a flush, the bytes after
+                            // the block's last 0x0a would wait for the next block.
+                            out.flush().await?;
+                        }
                     }
                 }
                 Some(Ok(Event::End)) | None => break,

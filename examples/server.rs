@@ -12,7 +12,9 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Parser;
-use quicast::{config::FecConfig, CongestionControl, Identity, Parity, Server, ServerConfig};
+use quicast::{
+    config::FecConfig, CongestionControl, Identity, Parity, Publisher, Server, ServerConfig,
+};
 use tokio::io::AsyncReadExt;
 
 /// Serve a live stream to quicast viewers over QUIC datagrams with Reed-Solomon FEC.
@@ -25,11 +27,17 @@ struct Args {
     /// Media to send: a file, or `-` for stdin. Default: a built-in synthetic stream.
     #[arg(long, value_name = "PATH")]
     input: Option<String>,
-    /// Pace of the input in bits per second (also the synthetic stream's rate).
+    /// Pace of a file input in bits per second (also the synthetic stream's rate). Not
+    /// applied to stdin, which is sent as fast as it arrives: a live source paces itself.
     #[arg(long, default_value_t = 8_000_000)]
     bitrate: u64,
+    /// With `--input -`, publish a partial block once its first byte has waited this long.
+    /// Lower adds less latency but makes smaller blocks, which FEC protects less efficiently.
+    #[arg(long, default_value_t = 5.0, value_name = "MS")]
+    flush_ms: f64,
     /// Bytes per block. Default 112 MPEG-TS packets (21056 bytes, 20 shards of 1100 bytes);
-    /// keep it a multiple of 188 so TS packets are never split.
+    /// keep it a multiple of 188 so TS packets are never split. From stdin a block is also
+    /// published early when `--flush-ms` has passed.
     #[arg(long, default_value_t = 188 * 112)]
     block_size: usize,
     /// Name of the stream viewers subscribe to.
@@ -123,46 +131,32 @@ async fn main() -> anyhow::Result<()> {
         publisher.wait_for_viewers(1).await;
     }
     let block_size = args.block_size.max(1);
-    let interval = Duration::from_secs_f64(block_size as f64 * 8.0 / args.bitrate.max(1) as f64);
-    // Mark a sync point about once a second.
-    let sync_every = (1.0 / interval.as_secs_f64()).ceil().max(1.0) as u64;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
-    let mut input: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>> =
-        match args.input.as_deref() {
-            None => None,
-            Some("-") => Some(Box::new(tokio::io::stdin())),
-            Some(path) => Some(Box::new(
-                tokio::fs::File::open(path)
-                    .await
-                    .with_context(|| format!("opening {path}"))?,
-            )),
-        };
-    let mut synthetic = common::Synthetic::new();
-    let mut sent = 0u64;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = &mut ctrl_c => break,
-        }
-        let block = match input.as_mut() {
-            None => synthetic.block(block_size),
-            Some(reader) => {
-                let mut buf = vec![0u8; block_size];
-                let n = read_full(reader, &mut buf).await?;
-                if n == 0 {
-                    break;
-                }
-                buf.truncate(n);
-                Bytes::from(buf)
+    let sent = match args.input.as_deref() {
+        Some("-") => {
+            let flush = Duration::from_secs_f64(args.flush_ms.max(0.0) / 1e3);
+            let stdin = tokio::io::stdin();
+            tokio::select! {
+                r = forward_pipe(stdin, &mut publisher, block_size, flush) => r?,
+                _ = &mut ctrl_c => publisher.next_seq(),
             }
-        };
-        publisher.send(block, sent % sync_every == 0)?;
-        sent += 1;
-    }
+        }
+        input => {
+            let mut file = match input {
+                Some(path) => Some(
+                    tokio::fs::File::open(path)
+                        .await
+                        .with_context(|| format!("opening {path}"))?,
+                ),
+                None => None,
+            };
+            tokio::select! {
+                r = paced(file.as_mut(), &mut publisher, block_size, args.bitrate) => r?,
+                _ = &mut ctrl_c => publisher.next_seq(),
+            }
+        }
+    };
     let viewers = publisher.viewers();
     publisher.finish();
     eprintln!("input ended after {sent} blocks; {viewers} viewer(s) connected");
@@ -207,9 +201,105 @@ fn parse_parity(s: &str) -> Result<Parity, String> {
     }
 }
 
+/// Publishes a block per `bitrate` interval from `file`, or from the synthetic stream.
+///
+/// Block `n` is due at `n` intervals after the start, so a late tick is caught up instead of
+/// shifting every later block. Returns the blocks sent.
+async fn paced(
+    mut file: Option<&mut tokio::fs::File>,
+    publisher: &mut Publisher,
+    block_size: usize,
+    bitrate: u64,
+) -> anyhow::Result<u64> {
+    let interval = Duration::from_secs_f64(block_size as f64 * 8.0 / bitrate.max(1) as f64);
+    // Mark a sync point about once a second.
+    let sync_every = (1.0 / interval.as_secs_f64()).ceil().max(1.0) as u64;
+    let mut synthetic = common::Synthetic::new();
+    let start = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    loop {
+        tokio::time::sleep_until(start + interval.mul_f64(sent as f64)).await;
+        let block = match file.as_mut() {
+            None => synthetic.block(block_size),
+            Some(reader) => {
+                let mut buf = vec![0u8; block_size];
+                let n = read_full(reader, &mut buf).await?;
+                if n == 0 {
+                    return Ok(sent);
+                }
+                buf.truncate(n);
+                Bytes::from(buf)
+            }
+        };
+        publisher.send(block, sent % sync_every == 0)?;
+        sent += 1;
+    }
+}
+
+/// Publishes a pipe's bytes as they arrive: a block when `block_size` bytes are in, or when the
+/// oldest buffered byte has waited `flush`, whichever comes first. Returns the blocks sent.
+///
+/// The pipe is never re-paced: the source's own pace is the stream's, and reading it promptly
+/// keeps the source from blocking on a full pipe. An early block is cut at a multiple of 188
+/// bytes when it holds at least one TS packet, so TS packets are not split across blocks.
+async fn forward_pipe(
+    mut reader: impl tokio::io::AsyncRead + Unpin,
+    publisher: &mut Publisher,
+    block_size: usize,
+    flush: Duration,
+) -> anyhow::Result<u64> {
+    let mut pending = bytes::BytesMut::with_capacity(block_size * 2);
+    let mut read_buf = vec![0u8; block_size.max(64 * 1024)];
+    let mut oldest: Option<tokio::time::Instant> = None;
+    let mut last_sync: Option<tokio::time::Instant> = None;
+    let mut publish = |block: Bytes, publisher: &mut Publisher| {
+        let now = tokio::time::Instant::now();
+        let sync = last_sync.is_none_or(|t| now - t >= Duration::from_secs(1));
+        if sync {
+            last_sync = Some(now);
+        }
+        publisher.send(block, sync).map(drop)
+    };
+    loop {
+        let deadline = oldest.map(|t| t + flush);
+        tokio::select! {
+            // Cancel safe: a read cut short by the deadline hands its bytes to the next call.
+            r = reader.read(&mut read_buf) => {
+                let n = r.context("reading stdin")?;
+                if n == 0 {
+                    if !pending.is_empty() {
+                        publish(pending.split().freeze(), publisher)?;
+                    }
+                    return Ok(publisher.next_seq());
+                }
+                let now = tokio::time::Instant::now();
+                oldest.get_or_insert(now);
+                pending.extend_from_slice(&read_buf[..n]);
+                while pending.len() >= block_size {
+                    publish(pending.split_to(block_size).freeze(), publisher)?;
+                    oldest = (!pending.is_empty()).then_some(now);
+                }
+            }
+            _ = sleep_until_opt(deadline) => {
+                let aligned = pending.len() / common::TS_PACKET * common::TS_PACKET;
+                let take = if aligned == 0 { pending.len() } else { aligned };
+                publish(pending.split_to(take).freeze(), publisher)?;
+                oldest = (!pending.is_empty()).then(tokio::time::Instant::now);
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Reads until `buf` is full or the input ends; returns the bytes read.
 async fn read_full(
-    reader: &mut (dyn tokio::io::AsyncRead + Unpin + Send),
+    reader: &mut (impl tokio::io::AsyncRead + Unpin),
     buf: &mut [u8],
 ) -> std::io::Result<usize> {
     let mut n = 0;
