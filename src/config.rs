@@ -77,11 +77,10 @@ impl std::str::FromStr for CongestionControl {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Parity {
-    /// From each viewer's reported loss, the fewest parity shards that keep its
-    /// expected residual block loss under the policy's target (see
-    /// [`RedundancyPolicy`]), capped by what
-    /// was encoded. Until a viewer's first estimate it gets every encoded
-    /// parity shard. Default.
+    /// From each viewer's reported loss, RTT and latency budget, the fewest
+    /// parity shards that keep its expected residual block loss after repair
+    /// under the policy's target (see [`RedundancyPolicy::plan`]), capped by
+    /// what was encoded. Default.
     #[default]
     Adaptive,
     /// Every parity shard the encoder made (see [`FecConfig`]).
@@ -89,18 +88,6 @@ pub enum Parity {
     /// At most this many parity shards per code group. `Fixed(0)` sends plain
     /// datagrams with no protection, for comparison.
     Fixed(usize),
-}
-
-impl Parity {
-    /// Parity shards to send for a group that was encoded with `m`, when the
-    /// adaptive choice (if any) is `adaptive`.
-    pub fn for_group(self, m: usize, adaptive: Option<usize>) -> usize {
-        match self {
-            Parity::Adaptive => adaptive.unwrap_or(m).min(m),
-            Parity::All => m,
-            Parity::Fixed(n) => n.min(m),
-        }
-    }
 }
 
 /// Where the server's certificate comes from.

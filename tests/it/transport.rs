@@ -138,3 +138,48 @@ async fn missing_stream_is_rejected_with_a_reason() {
     assert!(srv.viewer(srv.client_config("live"), 0.0, 0).await.is_ok());
     srv.stop().await;
 }
+
+/// With no parity sent up front, only repair on request can save a block: at
+/// 5% loss it must, and without repair the same path loses blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_on_request_recovers_what_no_parity_covered() {
+    let seed = seed();
+    let mut delivered = Vec::new();
+    for repair in [true, false] {
+        let srv = TestServer::start(|c| {
+            c.fec(fec(0.5))
+                .parity(quicast::Parity::Fixed(0))
+                .repair(repair);
+        });
+        let publisher = srv.server.publish("live", None).unwrap();
+        let mut config = srv.client_config("live");
+        config.latency(Duration::from_millis(200));
+        let viewer = srv.viewer(config, 0.05, seed).await.unwrap();
+        let n = 200;
+        let pub_task = tokio::spawn(publish(publisher, 1, n, Duration::from_millis(10)));
+        let Collected { blocks, stats, .. } = collect(viewer, Duration::from_secs(30)).await;
+        pub_task.await.unwrap();
+        let server = srv.server.stats();
+        println!("repair {repair}: {stats:?}\n{server:?}");
+        if repair {
+            assert!(
+                blocks.len() as f64 >= 0.99 * n as f64,
+                "seed {seed}: delivered {} of {n} with repair",
+                blocks.len()
+            );
+            assert!(stats.blocks_repaired > 0, "seed {seed}: {stats:?}");
+            assert!(
+                server.repairs_answered > 0 && server.repair_shards > 0,
+                "seed {seed}"
+            );
+        } else {
+            assert_eq!(server.repair_shards, 0, "seed {seed}");
+        }
+        delivered.push(blocks.len());
+        srv.stop().await;
+    }
+    assert!(
+        delivered[1] < delivered[0],
+        "seed {seed}: repair made no difference: {delivered:?}"
+    );
+}
