@@ -467,10 +467,9 @@ impl Session {
         tokio::select! {
             dg = link.conn.read_datagram() => {
                 let dg = dg.map_err(map_close)?;
-                let rtt = link.conn.rtt();
-                let mut st = self.lock();
-                st.receiver.set_rtt(rtt);
-                st.receiver.handle_datagram(Instant::now(), dg);
+                // The RTT is refreshed on the timer, which is where requests
+                // fall due; not per datagram.
+                self.lock().receiver.handle_datagram(Instant::now(), dg);
             }
             msg = link.reader.next() => match msg {
                 Ok(Some(msg)) => self.handle_control(msg)?,

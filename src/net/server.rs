@@ -25,7 +25,7 @@ use crate::{
     analytics::{Aggregator, Input, InputKind, Metric, MetricKind, Snapshot, Validator},
     config::ServerConfig,
     fec::{EncodedBlock, Encoder},
-    session::{Sender, SenderConfig, TokenBucket},
+    session::{Sender, SenderConfig, SenderStats, TokenBucket},
     wire::{self, ControlMessage, Flags, RepairEntry, MAX_STRING_LEN},
     CloseCode, ServerError,
 };
@@ -974,18 +974,11 @@ fn transmit(
             }
         }
     }
-    let after = viewer.sender.stats();
+    add_sender_stats(shared, before, viewer.sender.stats());
     let c = &shared.counters;
     viewer.handed += handed;
     c.datagrams_sent.fetch_add(handed, Relaxed);
-    c.bytes_sent.fetch_add(after.bytes - before.bytes, Relaxed);
     c.datagrams_too_large.fetch_add(too_large, Relaxed);
-    c.shards_expired
-        .fetch_add(after.expired - before.expired, Relaxed);
-    c.repair_shards
-        .fetch_add(after.repair_shards - before.repair_shards, Relaxed);
-    c.congestion_events
-        .fetch_add(after.congestion_events - before.congestion_events, Relaxed);
     let congested = viewer.sender.is_congested();
     if congested != viewer.congested {
         viewer.congested = congested;
@@ -1015,14 +1008,38 @@ fn repair(
     }
     let before = viewer.sender.stats();
     viewer.sender.handle_repair(now, scratch);
-    let after = viewer.sender.stats();
+    add_sender_stats(shared, before, viewer.sender.stats());
+}
+
+/// Adds what one viewer's sender counted between `before` and `after` to
+/// the server-wide counters.
+fn add_sender_stats(shared: &Shared, before: SenderStats, after: SenderStats) {
     let c = &shared.counters;
-    c.repairs_asked
-        .fetch_add(after.repairs_asked - before.repairs_asked, Relaxed);
-    c.repairs_answered
-        .fetch_add(after.repairs_answered - before.repairs_answered, Relaxed);
-    c.repairs_expired
-        .fetch_add(after.repairs_expired - before.repairs_expired, Relaxed);
+    for (counter, a, b) in [
+        (&c.bytes_sent, after.bytes, before.bytes),
+        (&c.shards_expired, after.expired, before.expired),
+        (&c.repair_shards, after.repair_shards, before.repair_shards),
+        (
+            &c.congestion_events,
+            after.congestion_events,
+            before.congestion_events,
+        ),
+        (&c.repairs_asked, after.repairs_asked, before.repairs_asked),
+        (
+            &c.repairs_answered,
+            after.repairs_answered,
+            before.repairs_answered,
+        ),
+        (
+            &c.repairs_expired,
+            after.repairs_expired,
+            before.repairs_expired,
+        ),
+    ] {
+        if a > b {
+            counter.fetch_add(a - b, Relaxed);
+        }
+    }
 }
 
 async fn pump(
