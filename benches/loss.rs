@@ -525,12 +525,22 @@ async fn run_quicast(
     if debug() {
         let v = viewer.stats();
         eprintln!(
-            "  sender drops {} skipped {} late shards {} lost {} recovered {}",
+            "  sender drops {} skipped {} late shards {} lost {} recovered {} | sent {} expired {} encoded {} | repairs asked {} answered {} expired {} shards {} | viewer asked {} repaired {} too late {}",
             sstats.datagrams_dropped,
             sstats.blocks_skipped,
             v.shards_late,
             v.blocks_lost,
             v.blocks_recovered,
+            sstats.datagrams_sent,
+            sstats.shards_expired,
+            sstats.shards_encoded,
+            sstats.repairs_asked,
+            sstats.repairs_answered,
+            sstats.repairs_expired,
+            sstats.repair_shards,
+            v.repairs_asked,
+            v.blocks_repaired,
+            v.repairs_too_late,
         );
     }
     viewer.close();

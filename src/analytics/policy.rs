@@ -34,11 +34,12 @@ pub const DEFAULT_INITIAL_LOSS: f64 = 0.02;
 /// few enough that one report interval of a real stream (hundreds of shards) outweighs it.
 const PRIOR_SHARDS: f64 = 100.0;
 
-/// Loss levels the aggregator precomputes tables for: 0, then geometric steps of 10% from
+/// Loss levels the aggregator precomputes tables for: 0, then geometric steps of 5% from
 /// `1e-6` up to 0.5, then 1. An estimate is rounded *up* to the next level, so the table a
-/// viewer gets is at worst computed for a 10% higher loss than estimated.
+/// viewer gets is at worst computed for a 5% higher loss than estimated (at 5% loss a
+/// 10% step alone could cost a whole parity shard per group of 20).
 const LEVEL_LOWEST: f64 = 1e-6;
-const LEVEL_RATIO: f64 = 1.1;
+const LEVEL_RATIO: f64 = 1.05;
 const LEVEL_TOP: f64 = 0.5;
 
 /// How much forward error correction to send, and how to estimate the loss it must cover.
@@ -194,10 +195,14 @@ impl RedundancyPolicy {
 /// Copies of each repair request a receiver sends (see
 /// [`Receiver`](crate::session::Receiver)); the policy counts a request as
 /// lost only when every copy is.
-pub const REPAIR_REQUEST_COPIES: i32 = 3;
+pub const REPAIR_REQUEST_COPIES: i32 = 4;
 
 /// Largest extra margin of shards a repair answer carries beyond the deficit.
-const MAX_REPAIR_MARGIN: usize = 4;
+const MAX_REPAIR_MARGIN: usize = 6;
+
+/// Deficits a [`RepairPlan`] holds a margin for; a larger deficit is answered
+/// with the margin of this one.
+pub const PLANNED_DEFICITS: usize = 16;
 
 /// How to protect one code group when repair rounds fit in the viewer's budget:
 /// from [`RedundancyPolicy::plan`].
@@ -205,14 +210,38 @@ const MAX_REPAIR_MARGIN: usize = 4;
 pub struct RepairPlan {
     /// Parity shards sent with the group, before any request.
     pub parity: u8,
-    /// Shards a repair answer carries beyond the viewer's deficit, so that the
-    /// answer survives the path's loss.
-    pub margin: u8,
+    /// Margin per deficit, `margins[d - 1]` for a group short by `d`.
+    margins: [u8; PLANNED_DEFICITS],
+}
+
+impl RepairPlan {
+    /// `parity` shards up front and answers that carry `margin` shards beyond
+    /// any deficit.
+    pub fn uniform(parity: u8, margin: u8) -> Self {
+        RepairPlan {
+            parity,
+            margins: [margin; PLANNED_DEFICITS],
+        }
+    }
+
+    /// Shards an answer to a group short by `deficit` carries beyond the
+    /// deficit, so that it survives the path's loss (0 for no deficit).
+    pub fn margin(&self, deficit: usize) -> u8 {
+        match deficit {
+            0 => 0,
+            d => self.margins[d.min(PLANNED_DEFICITS) - 1],
+        }
+    }
+
+    /// The same plan with no repair: margins of zero.
+    pub fn without_repair(self) -> Self {
+        RepairPlan::uniform(self.parity, 0)
+    }
 }
 
 impl RedundancyPolicy {
-    /// Proactive parity and repair margin for a group of `k` data shards at
-    /// shard loss `loss`, when `rounds` repair rounds fit in the viewer's
+    /// Proactive parity and the repair margins for a group of `k` data shards
+    /// at shard loss `loss`, when `rounds` repair rounds fit in the viewer's
     /// budget (0, 1 or 2).
     ///
     /// With `rounds == 0` this is [`parity_for`](Self::parity_for) and no
@@ -220,78 +249,120 @@ impl RedundancyPolicy {
     /// `n = k + m` shards sent proactively and `c` =
     /// [`REPAIR_REQUEST_COPIES`], a group short by `d` shards is repaired by
     /// one round unless every copy of the request is lost or more than the
-    /// margin `e` of the `d + e` answer shards are:
+    /// margin `e(d)` of the `d + e(d)` answer shards are:
     ///
     /// ```text
     /// F(d, e)      = 1 - (1 - p^c) P[Binomial(d + e, p) <= e]
-    /// residual     = sum_{j > m} P[Binomial(n, p) = j] F(j - m, e)^rounds
-    /// cost         = m + sum_{j > m} P[Binomial(n, p) = j] (j - m + e) (1 + [rounds = 2] F(j - m, e))
+    /// residual     = sum_{j > m} P[Binomial(n, p) = j] F(j - m, e(j - m))^rounds
+    /// cost         = m + sum_{j > m} P[Binomial(n, p) = j] (d + e(d)) (1 + [rounds = 2] F(d, e(d)))
     /// ```
     ///
-    /// It returns the `(m, e)` of least expected `cost` (shards per group, the
-    /// proactive ones plus the expected repair traffic) whose `residual` meets
-    /// [`target_residual`](Self::target_residual), with `m` within the same
-    /// bounds as [`parity_for`](Self::parity_for) and `e <= 4`. So the residual
-    /// target applies to the result after repair, and the proactive parity is
-    /// what repair cannot clean up in time. When no pair meets the target it
-    /// falls back to `parity_for` with a margin of one.
+    /// For each `m` within the bounds of [`parity_for`](Self::parity_for) the
+    /// margins start at zero and grow one shard at a time where a shard buys
+    /// the most residual, until the residual meets
+    /// [`target_residual`](Self::target_residual) (each `e(d) <= 6`; deficits
+    /// above [`PLANNED_DEFICITS`] count as lost). The plan is the `m` of least
+    /// expected `cost`, shards per group, the proactive ones plus the expected
+    /// repair traffic. So the residual target applies to the result after
+    /// repair, the proactive parity is what repair cannot clean up in time,
+    /// and a small deficit, the common one, carries a smaller margin than a
+    /// large one. When no `m` meets the target it falls back to `parity_for`
+    /// with a margin of one.
     pub fn plan(&self, k: usize, loss: f64, rounds: u32) -> RepairPlan {
         let k = k.min(MAX_SHARDS - 1);
         let p = sanitize(loss);
-        let fallback = RepairPlan {
-            parity: self.parity_for(k, p) as u8,
-            margin: u8::from(rounds > 0),
-        };
+        let parity = self.parity_for(k, p) as u8;
         if rounds == 0 || k == 0 || p >= 1.0 {
-            return RepairPlan {
-                margin: 0,
-                ..fallback
-            };
+            return RepairPlan::uniform(parity, 0);
         }
         let lf = LnFactorials::new();
         let (lo, hi) = self.bounds(k);
         let rounds = rounds.min(2) as i32;
         let request_lost = p.powi(REPAIR_REQUEST_COPIES);
-        // Deficits beyond this are as good as certain failures at any loss a
-        // plan can meet the target for; the terms are negligible there.
-        let max_d = (MAX_SHARDS - k).min(64);
-        let mut best: Option<(f64, RepairPlan)> = None;
-        let mut fail = vec![0.0f64; max_d + 1];
-        for e in 0..=MAX_REPAIR_MARGIN {
-            // F(d, e) for every deficit, once per margin.
-            for (d, f) in fail.iter_mut().enumerate().skip(1) {
-                *f = 1.0 - (1.0 - request_lost) * (1.0 - tail_after(&lf, d + e, e, p));
+        // fail[d - 1][e] = F(d, e)^rounds and its cost factor, once per plan.
+        let mut fail = [[0.0f64; MAX_REPAIR_MARGIN + 1]; PLANNED_DEFICITS];
+        for (i, row) in fail.iter_mut().enumerate() {
+            for (e, f) in row.iter_mut().enumerate() {
+                let once = 1.0 - (1.0 - request_lost) * (1.0 - tail_after(&lf, i + 1 + e, e, p));
+                *f = once.powi(rounds);
             }
-            for m in lo..=hi {
-                let n = k + m;
-                let (mut residual, mut repair) = (0.0, 0.0);
-                for j in m + 1..=n {
-                    let d = j - m;
-                    let pj = pmf(&lf, n, j, p);
-                    let f = if d <= max_d { fail[d] } else { 1.0 };
-                    residual += pj * f.powi(rounds);
-                    let again = if rounds >= 2 { f } else { 0.0 };
-                    repair += pj * (d + e) as f64 * (1.0 + again);
-                    // Past the mean, once terms stop mattering the rest cannot either.
-                    if j as f64 > n as f64 * p && pj < 1e-18 {
-                        break;
-                    }
+        }
+        // Expected shards an answer of `d + e` costs, with the second round's
+        // resend when two fit.
+        let cost_of = |d: usize, e: usize| {
+            let again = if rounds >= 2 {
+                fail[d - 1][e].sqrt()
+            } else {
+                0.0
+            };
+            (d + e) as f64 * (1.0 + again)
+        };
+        let mut best: Option<(f64, RepairPlan)> = None;
+        for m in lo..=hi {
+            if best.is_some_and(|(c, _)| m as f64 >= c) {
+                break;
+            }
+            let n = k + m;
+            let mut pd = [0.0f64; PLANNED_DEFICITS];
+            let mut beyond = 0.0;
+            for j in m + 1..=n {
+                let pj = pmf(&lf, n, j, p);
+                match pd.get_mut(j - m - 1) {
+                    Some(slot) => *slot = pj,
+                    None => beyond += pj,
                 }
-                if residual <= self.target_residual {
-                    let cost = m as f64 + repair;
-                    let plan = RepairPlan {
-                        parity: m as u8,
-                        margin: e as u8,
-                    };
-                    if best.is_none_or(|(c, _)| cost < c) {
-                        best = Some((cost, plan));
-                    }
-                    // More proactive parity only costs more at this margin.
+                if j as f64 > n as f64 * p && pj < 1e-18 {
                     break;
                 }
             }
+            let mut margins = [0usize; PLANNED_DEFICITS];
+            let residual_of = |margins: &[usize; PLANNED_DEFICITS]| {
+                beyond
+                    + (0..PLANNED_DEFICITS)
+                        .map(|i| pd[i] * fail[i][margins[i]])
+                        .sum::<f64>()
+            };
+            let mut residual = residual_of(&margins);
+            while residual > self.target_residual {
+                // The deficit where one more margin shard removes the most
+                // residual per expected shard spent.
+                let pick = (0..PLANNED_DEFICITS)
+                    .filter(|&i| margins[i] < MAX_REPAIR_MARGIN && pd[i] > 0.0)
+                    .map(|i| {
+                        let e = margins[i];
+                        let gain = pd[i] * (fail[i][e] - fail[i][e + 1]);
+                        let spend = pd[i] * (cost_of(i + 1, e + 1) - cost_of(i + 1, e));
+                        (i, gain / spend.max(f64::MIN_POSITIVE))
+                    })
+                    .filter(|&(_, worth)| worth > 0.0)
+                    .max_by(|a, b| a.1.total_cmp(&b.1));
+                let Some((i, _)) = pick else {
+                    break;
+                };
+                margins[i] += 1;
+                residual = residual_of(&margins);
+            }
+            if residual > self.target_residual {
+                continue;
+            }
+            let cost = m as f64
+                + (0..PLANNED_DEFICITS)
+                    .map(|i| pd[i] * cost_of(i + 1, margins[i]))
+                    .sum::<f64>();
+            if best.is_none_or(|(c, _)| cost < c) {
+                let mut plan = RepairPlan::uniform(m as u8, 0);
+                for (slot, &e) in plan.margins.iter_mut().zip(&margins) {
+                    *slot = e as u8;
+                }
+                // A deficit too unlikely to have needed a margin is still
+                // answered with at least its neighbour's.
+                for i in 1..PLANNED_DEFICITS {
+                    plan.margins[i] = plan.margins[i].max(plan.margins[i - 1]);
+                }
+                best = Some((cost, plan));
+            }
         }
-        best.map_or(fallback, |(_, plan)| plan)
+        best.map_or(RepairPlan::uniform(parity, 1), |(_, plan)| plan)
     }
 }
 
@@ -530,7 +601,7 @@ impl ParityLevels {
     pub(crate) fn level_for(&self, loss: f64) -> Level {
         let loss = sanitize(loss);
         let i = self.levels.partition_point(|&l| l < loss);
-        // The ladder has ~140 rungs, and `loss <= 1 == last`, so `i` is in range.
+        // The ladder has ~280 rungs, and `loss <= 1 == last`, so `i` is in range.
         i.min(self.levels.len() - 1) as Level
     }
 
@@ -570,17 +641,20 @@ mod tests {
         let two = policy.plan(20, 0.05, 2);
         println!("k=20 p=5%: no round {none:?}, one round {one:?}, two rounds {two:?}");
         assert_eq!(none.parity as usize, policy.parity_for(20, 0.05));
-        assert_eq!(none.margin, 0);
+        assert_eq!(none, none.without_repair());
         assert_eq!(none.parity, 7, "binomial: P[B(27, 5%) > 7] <= 1e-4");
-        assert!(one.parity <= 2 && one.margin >= 1, "{one:?}");
+        assert!(one.parity <= 2 && one.margin(1) >= 1, "{one:?}");
+        // The common small deficit carries less margin than a large one.
+        assert!(one.margin(1) <= one.margin(4), "{one:?}");
         assert!(two.parity <= one.parity, "{two:?} vs {one:?}");
         // Each plan meets the residual target it claims, checked by brute force.
         let lf = LnFactorials::new();
         for (plan, rounds) in [(one, 1), (two, 2)] {
-            let (m, e) = (usize::from(plan.parity), usize::from(plan.margin));
+            let m = usize::from(plan.parity);
             let p: f64 = 0.05;
             let residual: f64 = (m + 1..=20 + m)
                 .map(|j| {
+                    let e = usize::from(plan.margin(j - m));
                     let f = 1.0
                         - (1.0 - p.powi(REPAIR_REQUEST_COPIES))
                             * (1.0 - tail_after(&lf, j - m + e, e, p));
@@ -713,12 +787,12 @@ mod tests {
     fn levels_round_up() {
         let policy = RedundancyPolicy::default();
         let levels = ParityLevels::new(&policy);
-        assert!(levels.levels.len() < 200);
+        assert!(levels.levels.len() < 300);
         for p in [0.0, 1e-7, 0.0123, 0.1, 0.49, 0.7, 1.0, f64::NAN] {
             let l = levels.level_for(p);
             let at = levels.levels[usize::from(l)];
             assert!(at >= sanitize(p), "{p} -> {at}");
-            // Never more than one 10% step above.
+            // Never more than one 5% step above.
             assert!(at <= (sanitize(p) * LEVEL_RATIO).max(LEVEL_LOWEST) || at == 1.0);
             assert_eq!(levels.table(l), &policy.parity_table(at));
         }

@@ -1486,7 +1486,9 @@ mod tests {
                     Flags::SYNC
                 },
                 stream_id: rng.random_range(0..2),
-                seq: if rng.random_bool(0.001) {
+                // A wild jump early would leave nothing to recover (seed 145
+                // did): the check at the end needs the first half ordinary.
+                seq: if i > 10_000 && rng.random_bool(0.001) {
                     rng.random()
                 } else {
                     i / 8 + rng.random_range(0..20)

@@ -62,7 +62,11 @@ pub const DEFAULT_STALL_AFTER: Duration = Duration::from_millis(500);
 pub const DEFAULT_REPAIR_DELAY: Duration = Duration::from_millis(4);
 
 /// Time between the copies of one repair request.
-const REPAIR_COPY_SPACING: Duration = Duration::from_millis(2);
+///
+/// Wide enough that a loss burst on the way up (a few packets, a few
+/// milliseconds) rarely takes every copy, short enough that the last copy
+/// still leaves the answer most of a budget above one round trip.
+const REPAIR_COPY_SPACING: Duration = Duration::from_millis(3);
 
 /// Repair datagrams waiting to be sent, at most; older ones are dropped.
 const MAX_OUTGOING_REPAIRS: usize = 64;
@@ -991,14 +995,14 @@ mod tests {
             repairs(&mut s.receiver).is_empty(),
             "waits its repair delay"
         );
-        let first = run(&mut s, 21, 30);
-        // Three copies of attempt 0, two ms apart, naming the 15 shards held.
+        let first = run(&mut s, 21, 35);
+        // Copies of attempt 0, spaced, naming the 15 shards held.
         assert_eq!(first.len(), REPAIR_REQUEST_COPIES as usize, "{first:?}");
         assert!(first
             .iter()
             .all(|e| e.seq == 0 && e.attempt == 0 && e.seen.len() == 15));
         // No answer: one more attempt after a round trip, then no more.
-        let second = run(&mut s, 31, 99);
+        let second = run(&mut s, 36, 99);
         assert_eq!(second.len(), REPAIR_REQUEST_COPIES as usize, "{second:?}");
         assert!(second.iter().all(|e| e.attempt == 1));
         assert_eq!(s.receiver.stats().repairs_asked, 2);

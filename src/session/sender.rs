@@ -25,7 +25,7 @@ pub const DEFAULT_PACING_GAIN: f64 = 2.0;
 /// Default [`SenderConfig::burst`].
 pub const DEFAULT_BURST: usize = 64 * 1024;
 /// Default [`SenderConfig::repair_spacing`].
-pub const DEFAULT_REPAIR_SPACING: Duration = Duration::from_micros(500);
+pub const DEFAULT_REPAIR_SPACING: Duration = Duration::from_millis(1);
 /// Default [`SenderConfig::max_queue`].
 pub const DEFAULT_MAX_QUEUE: usize = 4 << 20;
 /// Default [`SenderConfig::startup_loss`].
@@ -115,7 +115,7 @@ impl SenderConfig {
         self
     }
 
-    /// Least time between two repair shards to one viewer. Default 0.5 ms.
+    /// Least time between two repair shards to one viewer. Default 1 ms.
     ///
     /// Interleaves an answer with the stream, so one loss burst does not take
     /// the whole answer; each shard of an answer adds this much to the time a
@@ -374,14 +374,8 @@ impl Sender {
         let rounds = self.repair_rounds();
         let repair = self.config.repair && rounds > 0;
         let plan = match self.config.parity {
-            Parity::All => RepairPlan {
-                parity: m as u8,
-                margin: u8::from(repair),
-            },
-            Parity::Fixed(n) => RepairPlan {
-                parity: n.min(m) as u8,
-                margin: u8::from(repair),
-            },
+            Parity::All => RepairPlan::uniform(m as u8, u8::from(repair)),
+            Parity::Fixed(n) => RepairPlan::uniform(n.min(m) as u8, u8::from(repair)),
             Parity::Adaptive => {
                 let loss = self.planned_loss(now);
                 let key = (loss.map_or(u64::MAX, f64::to_bits), rounds, self.congested);
@@ -394,23 +388,16 @@ impl Sender {
                 let policy = &self.config.policy;
                 *self.plans[k].get_or_insert_with(|| match loss {
                     // Before any estimate: everything encoded, unless repair can help.
-                    None if !repair => RepairPlan {
-                        parity: m as u8,
-                        margin: 0,
-                    },
+                    None if !repair => RepairPlan::uniform(m as u8, 0),
                     None => policy.plan(k, self.config.startup_loss, rounds),
-                    Some(_) if congested => RepairPlan {
-                        parity: policy.plan(k, 0.0, 0).parity,
-                        margin: 0,
-                    },
+                    Some(_) if congested => policy.plan(k, 0.0, 0),
                     Some(l) => policy.plan(k, l, rounds),
                 })
             }
         };
-        RepairPlan {
-            parity: plan.parity.min(m as u8),
-            margin: if repair { plan.margin } else { 0 },
-        }
+        let mut plan = if repair { plan } else { plan.without_repair() };
+        plan.parity = plan.parity.min(m as u8);
+        plan
     }
 
     /// Queues block `block`, published at `at` (the instant its timestamp
@@ -541,7 +528,7 @@ impl Sender {
         let margin = if self.congested {
             0
         } else {
-            usize::from(self.plan(now, k, m).margin) + usize::from(e.attempt)
+            usize::from(self.plan(now, k, m).margin(deficit)) + usize::from(e.attempt)
         };
         let want = deficit + margin;
         // Fresh parity first (the viewer cannot hold it already), then the
@@ -934,7 +921,7 @@ mod tests {
         s.handle_repair(t, &[ask, ask, ask]);
         assert_eq!(drain(&mut s, t).len(), 1, "answer shards are spaced");
         let (got, now) = drain_all(&mut s, t);
-        let margin = usize::from(s.plan(t, 20, 10).margin);
+        let margin = usize::from(s.plan(t, 20, 10).margin(4 - proactive));
         assert!(margin >= 1);
         assert_eq!(got.len() + 1, 4 - proactive + margin);
         let st = s.stats();
