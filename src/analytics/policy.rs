@@ -195,7 +195,7 @@ impl RedundancyPolicy {
 /// Copies of each repair request a receiver sends (see
 /// [`Receiver`](crate::session::Receiver)); the policy counts a request as
 /// lost only when every copy is.
-pub const REPAIR_REQUEST_COPIES: i32 = 4;
+pub const REPAIR_REQUEST_COPIES: i32 = 5;
 
 /// Largest extra margin of shards a repair answer carries beyond the deficit.
 const MAX_REPAIR_MARGIN: usize = 6;

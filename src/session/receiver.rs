@@ -995,14 +995,14 @@ mod tests {
             repairs(&mut s.receiver).is_empty(),
             "waits its repair delay"
         );
-        let first = run(&mut s, 21, 35);
+        let first = run(&mut s, 21, 38);
         // Copies of attempt 0, spaced, naming the 15 shards held.
         assert_eq!(first.len(), REPAIR_REQUEST_COPIES as usize, "{first:?}");
         assert!(first
             .iter()
             .all(|e| e.seq == 0 && e.attempt == 0 && e.seen.len() == 15));
         // No answer: one more attempt after a round trip, then no more.
-        let second = run(&mut s, 36, 99);
+        let second = run(&mut s, 39, 99);
         assert_eq!(second.len(), REPAIR_REQUEST_COPIES as usize, "{second:?}");
         assert!(second.iter().all(|e| e.attempt == 1));
         assert_eq!(s.receiver.stats().repairs_asked, 2);
