@@ -442,8 +442,13 @@ impl Session {
     async fn step(&mut self) -> Result<Option<Event>, ClientError> {
         let (event, timeout, stall) = {
             let mut st = self.lock();
-            let stall = st.receiver.poll_stall();
-            (st.receiver.poll_event(), st.receiver.poll_timeout(), stall)
+            // An event is taken only when no stall change is due: one taken
+            // alongside it would be dropped by the early return below (a
+            // block delivered after a stall vanished that way).
+            match st.receiver.poll_stall() {
+                Some(stall) => (None, None, Some(stall)),
+                None => (st.receiver.poll_event(), st.receiver.poll_timeout(), None),
+            }
         };
         if let Some(stalled) = stall {
             let msg = if stalled {
