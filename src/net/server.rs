@@ -53,6 +53,7 @@ struct Counters {
     reports: AtomicU64,
     reports_rejected: AtomicU64,
     shards_expired: AtomicU64,
+    blocks_dropped: AtomicU64,
     repairs_asked: AtomicU64,
     repairs_answered: AtomicU64,
     repairs_expired: AtomicU64,
@@ -110,6 +111,9 @@ pub struct ServerStats {
     /// Shards not sent because their block could no longer reach the viewer
     /// by its deadline (or the sender's queue was over its bound).
     pub shards_expired: u64,
+    /// Blocks a congested viewer was not sent at all, so that the blocks it
+    /// was sent could arrive whole (their shards are in `shards_expired`).
+    pub blocks_dropped: u64,
     /// Repair requests received (one per code group and attempt, copies included).
     pub repairs_asked: u64,
     /// Repair requests answered with at least one shard.
@@ -333,6 +337,7 @@ impl Server {
             control_errors: c.control_errors.load(Relaxed),
             datagrams_from_viewers: c.datagrams_from_viewers.load(Relaxed),
             shards_expired: c.shards_expired.load(Relaxed),
+            blocks_dropped: c.blocks_dropped.load(Relaxed),
             repairs_asked: c.repairs_asked.load(Relaxed),
             repairs_answered: c.repairs_answered.load(Relaxed),
             repairs_expired: c.repairs_expired.load(Relaxed),
@@ -442,6 +447,11 @@ impl Server {
                 "quicast_shards_expired_total",
                 "Shards not sent: their block could no longer arrive in time.",
                 stats.shards_expired,
+            ),
+            counter(
+                "quicast_blocks_dropped_total",
+                "Blocks not sent to a congested viewer, so that the others arrive whole.",
+                stats.blocks_dropped,
             ),
             counter(
                 "quicast_repairs_asked_total",
@@ -1018,6 +1028,11 @@ fn add_sender_stats(shared: &Shared, before: SenderStats, after: SenderStats) {
     for (counter, a, b) in [
         (&c.bytes_sent, after.bytes, before.bytes),
         (&c.shards_expired, after.expired, before.expired),
+        (
+            &c.blocks_dropped,
+            after.blocks_dropped,
+            before.blocks_dropped,
+        ),
         (&c.repair_shards, after.repair_shards, before.repair_shards),
         (
             &c.congestion_events,

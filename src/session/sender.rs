@@ -47,6 +47,8 @@ const CONGESTION_CLEAR: Duration = Duration::from_secs(1);
 const SPACE_RETRY: Duration = Duration::from_millis(1);
 /// Most blocks kept for repair, whatever their deadlines.
 const MAX_RETAINED: usize = 1024;
+/// Window over which the rate quinn takes datagrams is measured.
+const DRAIN_WINDOW: Duration = Duration::from_millis(200);
 
 /// Settings of a [`Sender`]: one viewer's budget and the server's sending rules.
 #[derive(Debug, Clone)]
@@ -188,6 +190,10 @@ pub struct SenderStats {
     pub repair_shards: u64,
     /// Times the path was found unable to carry the stream.
     pub congestion_events: u64,
+    /// Blocks dropped whole before their first shard left, because on a
+    /// congested path the rest of the queue would not let them leave in
+    /// time. Their shards are also counted in `expired`.
+    pub blocks_dropped: u64,
 }
 
 #[derive(Debug)]
@@ -255,6 +261,12 @@ pub struct Sender {
     tokens_at: Option<Instant>,
     next_repair: Option<Instant>,
     space_blocked: bool,
+    /// Bytes handed out since the start of the current drain window.
+    drain_window: Option<(Instant, u64)>,
+    /// Bytes per second handed out over the last whole drain window.
+    drain_rate: f64,
+    /// The block whose shards are being handed out.
+    started: Option<u64>,
     congested: bool,
     congestion_seen: Option<Instant>,
     stats: SenderStats,
@@ -282,6 +294,9 @@ impl Sender {
             tokens_at: None,
             next_repair: None,
             space_blocked: false,
+            drain_window: None,
+            drain_rate: 0.0,
+            started: None,
             congested: false,
             congestion_seen: None,
             stats: SenderStats::default(),
@@ -570,6 +585,7 @@ impl Sender {
     pub fn poll_transmit(&mut self, now: Instant, space: usize) -> Option<Bytes> {
         self.handle_timeout(now);
         self.refill(now);
+        while self.drop_hopeless_block(now) {}
         let repair_due = !self.repairs.is_empty() && self.next_repair.is_none_or(|t| t <= now);
         let from_repairs = repair_due || self.queue.is_empty();
         let head = if from_repairs {
@@ -592,15 +608,66 @@ impl Sender {
         let q = if from_repairs {
             self.next_repair = Some(now + self.config.repair_spacing);
             self.stats.repair_shards += 1;
-            self.repairs.pop_front()
+            self.repairs.pop_front()?
         } else {
-            self.queue.pop_front()
-        }?;
+            let q = self.queue.pop_front()?;
+            self.started = Some(q.seq);
+            q
+        };
         self.tokens -= len as f64;
         self.unqueue(&q);
         self.stats.datagrams += 1;
         self.stats.bytes += len as u64;
+        self.measure_drain(now, len);
         Some(q.datagram)
+    }
+
+    /// On a congested path, drops the block at the head of the queue whole
+    /// if none of it has left yet and, at the rate quinn has been taking
+    /// datagrams, its shards could not all leave before its `leave_by`.
+    ///
+    /// Without this, a path that carries only part of the stream gets a part
+    /// of every block, and every block is lost: the shards of each block
+    /// expire at the back of a queue that never drains. Dropping whole
+    /// blocks up front lets the ones that start finish.
+    fn drop_hopeless_block(&mut self, now: Instant) -> bool {
+        let Some(head) = self.queue.front() else {
+            return false;
+        };
+        if !self.congested || self.started == Some(head.seq) || self.drain_rate <= 0.0 {
+            return false;
+        }
+        let (seq, leave_by) = (head.seq, head.leave_by);
+        let bytes: usize = self
+            .queue
+            .iter()
+            .take_while(|q| q.seq == seq)
+            .map(|q| q.datagram.len())
+            .sum();
+        let done = now + Duration::from_secs_f64(bytes as f64 / self.drain_rate);
+        if done <= leave_by {
+            return false;
+        }
+        while self.queue.front().is_some_and(|q| q.seq == seq) {
+            if let Some(q) = self.queue.pop_front() {
+                self.unqueue(&q);
+                self.stats.expired += 1;
+            }
+        }
+        self.stats.blocks_dropped += 1;
+        self.congestion_seen = Some(now);
+        tracing::trace!(seq, "block dropped whole: it could not leave in time");
+        true
+    }
+
+    fn measure_drain(&mut self, now: Instant, bytes: usize) {
+        let (start, sum) = self.drain_window.get_or_insert((now, 0));
+        *sum += bytes as u64;
+        let elapsed = now.saturating_duration_since(*start);
+        if elapsed >= DRAIN_WINDOW {
+            self.drain_rate = *sum as f64 / elapsed.as_secs_f64();
+            self.drain_window = Some((now, 0));
+        }
     }
 
     fn refill(&mut self, now: Instant) {
@@ -989,6 +1056,58 @@ mod tests {
         let idx: Vec<u8> = got.iter().map(|h| h.index).collect();
         assert_eq!(&idx[..4], &[0, 1, 2, 3], "{idx:?}");
         assert!(idx.len() >= 5, "deficit plus margin: {idx:?}");
+    }
+
+    /// A path that carries half the stream gets whole blocks, not half of
+    /// every block (which would lose them all).
+    #[test]
+    fn an_overloaded_path_gets_whole_blocks() {
+        let mut enc = encoder(0.5);
+        let t0 = Instant::now();
+        let mut s = sender(100);
+        s.set_loss(Some(0.0));
+        let mut handed: std::collections::BTreeMap<u64, usize> = Default::default();
+        let mut seq = 0;
+        // A 21 KB block (20 data shards) every 10 ms; quinn takes one
+        // datagram per ms, about half of what the stream needs.
+        for ms in 0..3000u64 {
+            let t = t0 + Duration::from_millis(ms);
+            if ms % 10 == 0 {
+                s.push_block(t, block(&mut enc, seq, 21_056), t);
+                seq += 1;
+            }
+            if let Some(d) = s.poll_transmit(t, usize::MAX) {
+                let h = header(&d);
+                if h.is_data() {
+                    *handed.entry(h.seq).or_default() += 1;
+                }
+            }
+        }
+        assert!(s.is_congested());
+        // Past the first half second (before the path was found congested).
+        let steady = 50..seq - 10;
+        let blocks = (seq - 60) as usize;
+        let whole = steady
+            .clone()
+            .filter(|q| handed.get(q) == Some(&20))
+            .count();
+        let partial = steady
+            .clone()
+            .filter(|q| handed.get(q).is_some_and(|&n| n < 20))
+            .count();
+        let st = s.stats();
+        println!(
+            "whole {whole}, partial {partial} of {} blocks; {st:?}",
+            blocks
+        );
+        assert!(partial <= 3, "partial blocks waste the path: {partial}");
+        assert!(whole * 10 >= blocks * 3, "whole blocks: {whole}");
+        assert!(st.blocks_dropped > 0);
+        assert!(
+            s.queued_bytes() < 200 * 1024,
+            "queue bounded: {}",
+            s.queued_bytes()
+        );
     }
 
     #[test]
