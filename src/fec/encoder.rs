@@ -393,14 +393,14 @@ mod tests {
     #[test]
     fn empty_block_is_one_padding_shard() {
         let mut enc = Encoder::new(1, FecConfig::default());
-        let out = enc.encode(5, 0, Flags::END, &[]).unwrap();
+        let out = enc.encode(5, 0, Flags::SYNC, &[]).unwrap();
         assert!(out.is_empty());
         assert_eq!(
             out.groups().map(|(k, m, _)| (k, m)).collect::<Vec<_>>(),
             [(1, 1)]
         );
         let (h, p) = ShardHeader::decode_datagram(&out.datagrams()[0]).unwrap();
-        assert_eq!((h.block_len, h.flags), (0, Flags::END));
+        assert_eq!((h.block_len, h.flags), (0, Flags::SYNC));
         assert!(p.iter().all(|&b| b == 0));
     }
 

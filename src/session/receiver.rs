@@ -876,9 +876,6 @@ impl Receiver {
                         sync: flags.contains(Flags::SYNC),
                         data,
                     });
-                    if flags.contains(Flags::END) {
-                        self.end_seq = Some(next);
-                    }
                 }
                 Ready::Lost => {
                     self.stats.blocks_lost += 1;
@@ -1146,16 +1143,6 @@ mod tests {
         assert_eq!(seqs(&ev), want);
         assert_eq!(ev.last(), Some(&Event::End));
         assert_eq!(s.receiver.stats().blocks_lost, 2 + (MAX_VARINT - 3));
-    }
-
-    #[test]
-    fn end_flag_ends_the_stream() {
-        let mut s = Sim::new();
-        let b0 = s.block(0, 0, 100, Flags::END);
-        s.feed(1, b0);
-        let ev = s.events();
-        assert_eq!(ev.len(), 2);
-        assert_eq!(ev[1], Event::End);
     }
 
     #[test]
