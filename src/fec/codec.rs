@@ -325,13 +325,16 @@ mod tests {
     #[test]
     fn parity_rows_are_the_documented_matrix() {
         let mut cache = CodecCache::default();
-        // PROTOCOL.md's table for k = 3.
+        // PROTOCOL.md's table.
         assert_eq!(
             crate_rows(&mut cache, 3, 4),
             [[1, 1, 1], [15, 8, 6], [14, 9, 6], [14, 8, 7]]
         );
-        assert_eq!(crate_rows(&mut cache, 1, 3), [[1], [1], [1]]);
-        assert_eq!(crate_rows(&mut cache, 2, 2), [[3, 2], [2, 3]]);
+        assert_eq!(crate_rows(&mut cache, 1, 4), [[1], [1], [1], [1]]);
+        assert_eq!(
+            crate_rows(&mut cache, 2, 4),
+            [[3, 2], [2, 3], [5, 4], [4, 5]]
+        );
         let mut cases: Vec<(usize, usize)> = (1..=24).flat_map(|k| [(k, 1), (k, 7)]).collect();
         cases.extend([(32, 16), (64, 64)]);
         for (k, m) in cases {
