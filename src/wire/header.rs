@@ -316,6 +316,47 @@ mod tests {
         }
     }
 
+    /// The sizes PROTOCOL.md gives: 31 bytes at most as written, 35 at most
+    /// as accepted (every varint in 8 bytes), and a stream id must fit 32 bits.
+    #[test]
+    fn largest_headers_and_stream_id_bound() {
+        let largest = ShardHeader {
+            stream_id: u32::MAX,
+            seq: crate::wire::MAX_VARINT,
+            block_len: MAX_BLOCK_LEN as u32,
+            groups: 2,
+            group: 1,
+            ..sample()
+        };
+        let mut buf = Vec::new();
+        largest.encode(&mut buf);
+        assert_eq!((buf.len(), largest.encoded_len()), (31, 31));
+
+        // The common header with every varint stretched to 8 bytes.
+        let h = ShardHeader {
+            groups: 2,
+            group: 1,
+            ..sample()
+        };
+        let long = |v: u64| (0xc000_0000_0000_0000 | v).to_be_bytes();
+        let mut v = vec![VERSION, 0x01 | 0x04];
+        v.extend(long(u64::from(h.stream_id)));
+        v.extend(long(h.seq));
+        v.extend(h.timestamp_us.to_be_bytes());
+        v.extend([h.k, h.m, h.index]);
+        v.extend(long(u64::from(h.block_len)));
+        v.extend([h.group, h.groups]);
+        assert_eq!(v.len(), MAX_HEADER_LEN);
+        assert_eq!(ShardHeader::decode(&mut &v[..]), Ok(h));
+
+        // One above the largest stream id.
+        v[2..10].copy_from_slice(&long(u64::from(u32::MAX) + 1));
+        assert_eq!(
+            ShardHeader::decode(&mut &v[..]),
+            Err(DecodeError::Invalid("stream id"))
+        );
+    }
+
     #[test]
     fn every_truncation_is_short() {
         let h = ShardHeader {
