@@ -127,6 +127,7 @@ impl CodecCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{rngs::SmallRng, Rng, SeedableRng};
 
     #[test]
     fn reuses_and_moves_to_front() {
@@ -182,5 +183,235 @@ mod tests {
         assert_eq!(cache.len(), 1);
         // The defaults keep about seven codecs with k near 180.
         assert_eq!(MAX_WEIGHT / weight(180, 76), 7);
+    }
+
+    /// The code exactly as PROTOCOL.md ("The Reed-Solomon code") specifies it,
+    /// written from that text and nothing else, so that the document and the
+    /// crate the codec comes from cannot drift apart unnoticed.
+    mod spec {
+        /// `exp[i] = 2^i` and `log[2^i] = i` in GF(2^8) modulo x^8+x^4+x^3+x^2+1.
+        fn tables() -> &'static ([u8; 255], [u8; 256]) {
+            static TABLES: std::sync::OnceLock<([u8; 255], [u8; 256])> = std::sync::OnceLock::new();
+            TABLES.get_or_init(build_tables)
+        }
+
+        fn build_tables() -> ([u8; 255], [u8; 256]) {
+            let (mut exp, mut log) = ([0u8; 255], [0u8; 256]);
+            let mut x: u16 = 1;
+            for (i, e) in exp.iter_mut().enumerate() {
+                *e = x as u8;
+                log[x as usize] = i as u8;
+                x <<= 1;
+                if x & 0x100 != 0 {
+                    x ^= 0x11d;
+                }
+            }
+            (exp, log)
+        }
+
+        fn mul(a: u8, b: u8) -> u8 {
+            if a == 0 || b == 0 {
+                return 0;
+            }
+            let (exp, log) = tables();
+            exp[(usize::from(log[a as usize]) + usize::from(log[b as usize])) % 255]
+        }
+
+        /// `a^n`, with `0^0 = 1`.
+        fn pow(a: u8, n: usize) -> u8 {
+            match (a, n) {
+                (_, 0) => 1,
+                (0, _) => 0,
+                _ => {
+                    let (exp, log) = tables();
+                    exp[usize::from(log[a as usize]) * n % 255]
+                }
+            }
+        }
+
+        fn inverse(a: u8) -> u8 {
+            (1..=255).find(|&b| mul(a, b) == 1).expect("a != 0")
+        }
+
+        /// Gauss-Jordan inversion of a square matrix over the field.
+        fn invert(mut a: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+            let n = a.len();
+            let mut inv: Vec<Vec<u8>> = (0..n)
+                .map(|r| (0..n).map(|c| u8::from(r == c)).collect())
+                .collect();
+            for col in 0..n {
+                let pivot = (col..n).find(|&r| a[r][col] != 0).expect("invertible");
+                a.swap(col, pivot);
+                inv.swap(col, pivot);
+                let f = inverse(a[col][col]);
+                for c in 0..n {
+                    a[col][c] = mul(a[col][c], f);
+                    inv[col][c] = mul(inv[col][c], f);
+                }
+                for r in 0..n {
+                    let f = a[r][col];
+                    if r == col || f == 0 {
+                        continue;
+                    }
+                    for c in 0..n {
+                        a[r][c] ^= mul(f, a[col][c]);
+                        inv[r][c] ^= mul(f, inv[col][c]);
+                    }
+                }
+            }
+            inv
+        }
+
+        /// Parity row `i` (0-based) for `k` data shards: row `k + i` of
+        /// `V · T⁻¹`, `V[r][c] = r^c`, `T` the top `k × k` of `V`.
+        pub(super) fn parity_rows(k: usize, m: usize) -> Vec<Vec<u8>> {
+            let v = |r: usize| -> Vec<u8> { (0..k).map(|c| pow(r as u8, c)).collect() };
+            let top = invert((0..k).map(v).collect());
+            (k..k + m)
+                .map(|r| {
+                    let row = v(r);
+                    (0..k)
+                        .map(|c| (0..k).fold(0, |acc, j| acc ^ mul(row[j], top[j][c])))
+                        .collect()
+                })
+                .collect()
+        }
+
+        /// Whether `rows` are the parity rows for `k` data shards, checked
+        /// without inverting anything: `P = V_p · T⁻¹` exactly when
+        /// `P · T = V_p`, `V_p` the Vandermonde rows `k..k + m`.
+        pub(super) fn are_parity_rows(k: usize, rows: &[Vec<u8>]) -> bool {
+            rows.iter().enumerate().all(|(i, row)| {
+                (0..k).all(|c| {
+                    let product = (0..k).fold(0, |acc, j| acc ^ mul(row[j], pow(j as u8, c)));
+                    product == pow((k + i) as u8, c)
+                })
+            })
+        }
+
+        /// Parity shards of `data` (all one length), byte by byte.
+        pub(super) fn encode(data: &[&[u8]], m: usize) -> Vec<Vec<u8>> {
+            let rows = parity_rows(data.len(), m);
+            rows.iter()
+                .map(|row| {
+                    (0..data[0].len())
+                        .map(|b| {
+                            row.iter()
+                                .zip(data)
+                                .fold(0, |acc, (&c, d)| acc ^ mul(c, d[b]))
+                        })
+                        .collect()
+                })
+                .collect()
+        }
+    }
+
+    /// The crate's parity rows for `(k, m)`: data shard `j` is the unit vector
+    /// `e_j`, so byte `j` of parity shard `i` is the coefficient of data shard
+    /// `j` in parity row `i`.
+    fn crate_rows(cache: &mut CodecCache, k: usize, m: usize) -> Vec<Vec<u8>> {
+        let data: Vec<Vec<u8>> = (0..k)
+            .map(|j| (0..k).map(|b| u8::from(b == j)).collect())
+            .collect();
+        let mut parity = vec![vec![0u8; k]; m];
+        cache
+            .get(k, m)
+            .unwrap()
+            .encode_sep(&data, &mut parity)
+            .unwrap();
+        parity
+    }
+
+    #[test]
+    fn parity_rows_are_the_documented_matrix() {
+        let mut cache = CodecCache::default();
+        // PROTOCOL.md's table.
+        assert_eq!(
+            crate_rows(&mut cache, 3, 4),
+            [[1, 1, 1], [15, 8, 6], [14, 9, 6], [14, 8, 7]]
+        );
+        assert_eq!(crate_rows(&mut cache, 1, 4), [[1], [1], [1], [1]]);
+        assert_eq!(
+            crate_rows(&mut cache, 2, 4),
+            [[3, 2], [2, 3], [5, 4], [4, 5]]
+        );
+        let mut cases: Vec<(usize, usize)> = (1..=24).flat_map(|k| [(k, 1), (k, 7)]).collect();
+        cases.extend([(32, 16), (64, 64)]);
+        for (k, m) in cases {
+            assert_eq!(
+                crate_rows(&mut cache, k, m),
+                spec::parity_rows(k, m),
+                "k {k} m {m}"
+            );
+        }
+        // Large codes (a debug-build inversion of 255 × 255 takes seconds).
+        for (k, m) in [(128, 128), (255, 1)] {
+            assert!(
+                spec::are_parity_rows(k, &crate_rows(&mut cache, k, m)),
+                "k {k} m {m}"
+            );
+        }
+        assert!(!spec::are_parity_rows(3, &[vec![1, 1, 1], vec![15, 8, 7]]));
+        // A parity row depends on k and its index, not on m: a viewer's
+        // first parity shards are the same whatever the sender encoded.
+        for k in [1, 5, 32] {
+            let wide = crate_rows(&mut cache, k, 9);
+            for m in 1..9 {
+                assert_eq!(crate_rows(&mut cache, k, m), wide[..m], "k {k} m {m}");
+            }
+        }
+    }
+
+    /// The test vector in PROTOCOL.md, through the crate and through the
+    /// specification.
+    #[test]
+    fn documented_test_vector() {
+        let hex = |s: &str| -> Vec<u8> {
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let data = [hex("01020304"), hex("10203040"), hex("aabbccdd")];
+        let want = [hex("bb99ff99"), hex("54be1ef2")];
+        let mut parity = vec![vec![0u8; 4]; 2];
+        CodecCache::default()
+            .get(3, 2)
+            .unwrap()
+            .encode_sep(&data, &mut parity)
+            .unwrap();
+        assert_eq!(parity, want);
+        let slices: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+        assert_eq!(spec::encode(&slices, 2), want);
+    }
+
+    /// Random shards of random codes: the crate (with its SIMD paths) and the
+    /// byte-wise specification agree on every byte.
+    #[test]
+    fn random_shards_match_the_specification() {
+        let seed = crate::testing::seed();
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut cache = CodecCache::default();
+        for _ in 0..40 {
+            let k = rng.random_range(1..=20);
+            let m = rng.random_range(1..=8);
+            // Long enough for the vectorised loops and their tails.
+            let len = rng.random_range(1..300);
+            let data: Vec<Vec<u8>> = (0..k)
+                .map(|_| (0..len).map(|_| rng.random()).collect())
+                .collect();
+            let mut parity = vec![vec![0u8; len]; m];
+            cache
+                .get(k, m)
+                .unwrap()
+                .encode_sep(&data, &mut parity)
+                .unwrap();
+            let slices: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+            assert_eq!(
+                parity,
+                spec::encode(&slices, m),
+                "seed {seed}: k {k} m {m} len {len}"
+            );
+        }
     }
 }

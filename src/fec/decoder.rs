@@ -1130,7 +1130,7 @@ mod tests {
             ),
             (
                 ShardHeader {
-                    flags: Flags::END,
+                    flags: Flags::empty(),
                     index: 1,
                     ..h
                 },

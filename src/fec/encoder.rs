@@ -393,15 +393,47 @@ mod tests {
     #[test]
     fn empty_block_is_one_padding_shard() {
         let mut enc = Encoder::new(1, FecConfig::default());
-        let out = enc.encode(5, 0, Flags::END, &[]).unwrap();
+        let out = enc.encode(5, 0, Flags::SYNC, &[]).unwrap();
         assert!(out.is_empty());
         assert_eq!(
             out.groups().map(|(k, m, _)| (k, m)).collect::<Vec<_>>(),
             [(1, 1)]
         );
         let (h, p) = ShardHeader::decode_datagram(&out.datagrams()[0]).unwrap();
-        assert_eq!((h.block_len, h.flags), (0, Flags::END));
+        assert_eq!((h.block_len, h.flags), (0, Flags::SYNC));
         assert!(p.iter().all(|&b| b == 0));
+    }
+
+    /// The worked example in PROTOCOL.md ("Test vectors"): a 19-byte block
+    /// at shard size 4, redundancy 0.5 and at most 3 data shards per group,
+    /// as the datagrams an independent implementation must produce.
+    #[test]
+    fn documented_block_vector() {
+        let mut enc = Encoder::new(5, config(4, 0.5, 3));
+        let out = enc
+            .encode(7, 1000, Flags::SYNC, b"quicast test vector")
+            .unwrap();
+        let hex: Vec<String> = out
+            .datagrams()
+            .iter()
+            .map(|d| d.iter().map(|b| format!("{b:02x}")).collect())
+            .collect();
+        assert_eq!(
+            hex,
+            [
+                // Group 0: k = 3, m = 2.
+                "02050507000003e803020013000271756963",
+                "02050507000003e803020113000261737420",
+                "02050507000003e803020213000274657374",
+                "02050507000003e803020313000264636e37",
+                "02050507000003e8030204130002ef25dd33",
+                // Group 1: k = 2, m = 1; the last data shard ends in one
+                // byte of zero padding.
+                "02050507000003e802010013010220766563",
+                "02050507000003e8020101130102746f7200",
+                "02050507000003e802010213010288444ba5",
+            ]
+        );
     }
 
     #[test]

