@@ -862,13 +862,17 @@ fn write_csv(path: &Path, opts: &Opts, rows: &[Row]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A plotted series: label, colour index, bursty (markers only) or iid (a line).
+type SeriesKey = (String, usize, bool);
+/// Loss %, delivered % (worst seed), e2e p99 ms (median).
+type Point = (f64, f64, f64);
+
 /// Two panels: delivered % (worst seed) and e2e p99 (median) against loss, for every
 /// quicast budget and for SRT at its chosen latency per loss level.
 fn plot(path: &Path, opts: &Opts, paths: &[PathSpec], rows: &[Row]) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let cells = cells(paths, rows);
-    // (label, colour index, bursty) -> points (loss %, delivered, p99).
-    let mut series: BTreeMap<(String, usize, bool), Vec<(f64, f64, f64)>> = BTreeMap::new();
+    let mut series: BTreeMap<SeriesKey, Vec<Point>> = BTreeMap::new();
     let budgets: Vec<u64> = {
         let mut b: Vec<u64> = cells
             .keys()
