@@ -31,7 +31,8 @@
 //! (SRT's default live payload size). Everything else is SRT's default: live
 //! transmission type, too-late packet drop on, periodic NAK reports on, `maxbw` and
 //! `oheadbw` untouched (retransmissions are not rate-capped below the path), `-a:no`
-//! so a broken connection ends the process instead of waiting for a new one.
+//! so a broken connection ends the process instead of waiting for a new one, and an
+//! exit timer `-t` far beyond the run, so an orphan ends if the harness is killed.
 //!
 //! Ending cleanly: `srt-live-transmit` does not exit at the end of its stdin, so the
 //! harness sends SIGINT to the SRT sender once `gen` has finished and the latency has
@@ -388,6 +389,13 @@ impl Bench {
         Command::new(self.bin.join(name))
     }
 
+    /// Seconds after which a child ends by itself: longer than every bounded wait of a
+    /// run added up, so it only matters when the harness was killed (SIGKILL runs no
+    /// destructor).
+    fn orphan_limit(&self) -> u64 {
+        (self.opts.seconds + self.opts.tail_seconds + 120.0).ceil() as u64
+    }
+
     fn log(&self, run: &str, what: &str) -> PathBuf {
         self.logs.join(format!("{run}-{what}"))
     }
@@ -421,6 +429,9 @@ impl Bench {
                 &((o.path_mbps * 1e6) as u64).to_string(),
                 "--seed",
                 &seed.to_string(),
+                // Ends the relay by itself if this harness is killed before its guard runs.
+                "--duration",
+                &self.orphan_limit().to_string(),
             ])
             .stdin(Stdio::null())
             .stdout(File::create(self.log(run, "impair.json"))?)
@@ -584,6 +595,7 @@ impl Bench {
             .args([
                 "-a:no",
                 "-chunk:1316",
+                &format!("-t:{}", self.orphan_limit()),
                 &format!("srt://127.0.0.1:{listener_port}?mode=listener&latency={latency}"),
                 "file://con",
             ])
@@ -604,6 +616,7 @@ impl Bench {
             .args([
                 "-a:no",
                 "-chunk:1316",
+                &format!("-t:{}", self.orphan_limit()),
                 "file://con",
                 &format!("srt://127.0.0.1:{relay}?mode=caller&latency={latency}"),
             ])
