@@ -100,7 +100,7 @@ struct Opts {
     #[arg(long, value_delimiter = ',', default_value = "0.01,0.02,0.05,0.10")]
     losses: Vec<f64>,
     /// Gilbert-Elliott loss rates, comma separated fractions (empty: none).
-    #[arg(long, value_delimiter = ',', default_value = "0.05")]
+    #[arg(long, value_delimiter = ',', default_value = "0.05", value_parser = fraction_or_none)]
     bursty_losses: Vec<f64>,
     /// Mean burst length of the bursty model, packets.
     #[arg(long, default_value_t = 4.0)]
@@ -140,6 +140,14 @@ impl Opts {
     fn chunks(&self) -> u64 {
         chunk_count(self.seconds, self.bitrate)
     }
+}
+
+/// `--bursty-losses ''` means none: an empty item parses as a negative rate, dropped later.
+fn fraction_or_none(s: &str) -> Result<f64, String> {
+    if s.trim().is_empty() {
+        return Ok(-1.0);
+    }
+    s.parse().map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// Chunks `chunks gen` writes in `seconds` (the same rounding as `gen`).
@@ -1041,10 +1049,15 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|&loss| PathSpec { loss, burst: 1.0 })
         .collect();
-    paths.extend(opts.bursty_losses.iter().map(|&loss| PathSpec {
-        loss,
-        burst: opts.burst,
-    }));
+    paths.extend(
+        opts.bursty_losses
+            .iter()
+            .filter(|&&l| l >= 0.0)
+            .map(|&loss| PathSpec {
+                loss,
+                burst: opts.burst,
+            }),
+    );
     let out = opts
         .out
         .clone()
