@@ -120,6 +120,10 @@ struct Opts {
     /// Skip quicast.
     #[arg(long)]
     no_quicast: bool,
+    /// Run nothing: read the rows of an earlier run's results.csv and print its tables
+    /// and plot again (into the output directory). The sweep flags must match that run.
+    #[arg(long, value_name = "CSV")]
+    from_csv: Option<PathBuf>,
     /// Output directory. Default target/field-bench.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -851,7 +855,7 @@ fn write_csv(path: &Path, opts: &Opts, rows: &[Row]) -> anyhow::Result<()> {
     for r in rows {
         writeln!(
             f,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.3},{:.3},{:.3},{:.2},{:.2},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.3},{:.3},{:.3},{:.2},{:.2},{},{},{},{},{}",
             r.system.name(),
             r.path.model(),
             r.path.loss,
@@ -883,12 +887,61 @@ fn write_csv(path: &Path, opts: &Opts, rows: &[Row]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads rows written by [`write_csv`].
+fn read_csv(path: &Path) -> anyhow::Result<Vec<Row>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().context("empty CSV")?.split(',').collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .context(name.to_string())
+    };
+    let mut rows = Vec::new();
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        let v: Vec<&str> = line.split(',').collect();
+        let get = |name: &str| -> anyhow::Result<&str> {
+            v.get(col(name)?).copied().context("short CSV line")
+        };
+        let f = |name: &str| -> anyhow::Result<f64> { Ok(get(name)?.parse()?) };
+        let u = |name: &str| -> anyhow::Result<u64> { Ok(get(name)?.parse()?) };
+        rows.push(Row {
+            system: match get("system")? {
+                "quicast" => System::Quicast,
+                "srt" => System::Srt,
+                other => bail!("unknown system {other:?}"),
+            },
+            path: PathSpec {
+                loss: f("loss")?,
+                burst: f("burst")?,
+            },
+            seed: u("seed")?,
+            setting_ms: u("setting_ms")?,
+            chunks: u("chunks")?,
+            intact: u("intact")?,
+            delivered_pct: f("delivered_pct")?,
+            p50_ms: f("p50_ms")?,
+            p99_ms: f("p99_ms")?,
+            max_ms: f("max_ms")?,
+            overhead_pct: f("overhead_pct")?,
+            feedback_pct: f("feedback_pct")?,
+            damaged: u("damaged")?,
+            duplicates: u("duplicates")?,
+            media_dropped_queue: u("media_dropped_queue")?,
+            media_late_p99_us: u("media_late_p99_us")?,
+            feedback_late_p99_us: u("feedback_late_p99_us")?,
+        });
+    }
+    Ok(rows)
+}
+
 /// A plotted series: label, colour index, bursty (markers only) or iid (a line).
 type SeriesKey = (String, usize, bool);
-/// Loss %, delivered % (worst seed), e2e p99 ms (median).
+/// Loss %, delivered % and e2e p99 ms (medians over seeds).
 type Point = (f64, f64, f64);
 
-/// Two panels: delivered % (worst seed) and e2e p99 (median) against loss, for every
+/// Two panels: delivered % and e2e p99 (medians over seeds) against loss, for every
 /// quicast budget and for SRT at its chosen latency per loss level.
 fn plot(path: &Path, opts: &Opts, paths: &[PathSpec], rows: &[Row]) -> anyhow::Result<()> {
     use plotters::prelude::*;
@@ -907,7 +960,8 @@ fn plot(path: &Path, opts: &Opts, paths: &[PathSpec], rows: &[Row]) -> anyhow::R
     for ((pi, system, setting), cell) in &cells {
         let bursty = paths[*pi].burst > 1.0;
         let x = paths[*pi].loss * 100.0;
-        let point = (x, cell.min_delivered(), cell.med(|r| r.p99_ms));
+        // The median, like the table: one failed seed must not flatten every other point.
+        let point = (x, cell.med(|r| r.delivered_pct), cell.med(|r| r.p99_ms));
         match system {
             System::Quicast => {
                 let idx = budgets.iter().position(|b| b == setting).unwrap_or(0);
@@ -961,7 +1015,7 @@ fn plot(path: &Path, opts: &Opts, paths: &[PathSpec], rows: &[Row]) -> anyhow::R
     let colour = |i: usize, srt: bool| if srt { RED } else { colours[i % colours.len()] };
     for (area, which) in [(&left, 0), (&right, 1)] {
         let (desc, lo, hi) = if which == 0 {
-            ("delivered %, worst seed", d_lo, 100.05)
+            ("delivered %, median over seeds", d_lo, 100.05)
         } else {
             ("e2e p99 ms, median over seeds", 0.0, p99_hi)
         };
@@ -1062,6 +1116,15 @@ fn main() -> anyhow::Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/field-bench"));
+    std::fs::create_dir_all(&out)?;
+    if let Some(csv) = &opts.from_csv {
+        let rows = read_csv(csv)?;
+        print!("{}", table(&opts, &paths, &rows));
+        let svg = out.join("field.svg");
+        plot(&svg, &opts, &paths, &rows)?;
+        eprintln!("wrote {}", svg.display());
+        return Ok(());
+    }
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs)?;
     let release = target_release_dir()?;
