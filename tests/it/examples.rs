@@ -8,7 +8,7 @@ use std::{
 };
 
 /// target/<profile>/examples/<name>, built by `cargo test` alongside the tests.
-fn example(name: &str) -> PathBuf {
+pub(crate) fn example(name: &str) -> PathBuf {
     let mut dir = std::env::current_exe().expect("test binary path");
     dir.pop(); // the test binary
     if dir.ends_with("deps") {
@@ -23,7 +23,7 @@ fn example(name: &str) -> PathBuf {
     path
 }
 
-fn free_udp_port() -> u16 {
+pub(crate) fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -32,7 +32,7 @@ fn free_udp_port() -> u16 {
 }
 
 /// Kills the child if the test fails before waiting on it.
-struct Guard(Child);
+pub(crate) struct Guard(pub(crate) Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {

@@ -4,6 +4,7 @@ mod analytics;
 mod bad_input;
 mod examples;
 mod faults;
+mod impair;
 mod props;
 mod transport;
 mod util;
