@@ -29,6 +29,9 @@ pub enum CloseCode {
     HelloTimeout,
     /// The path cannot carry datagrams of the configured shard size.
     DatagramsUnsupported,
+    /// The viewer's control stream did not take the server's messages in
+    /// time (it withheld flow-control credit).
+    ControlStalled,
 }
 
 impl CloseCode {
@@ -46,6 +49,7 @@ impl CloseCode {
             CloseCode::Shutdown => 0x8,
             CloseCode::HelloTimeout => 0x9,
             CloseCode::DatagramsUnsupported => 0xa,
+            CloseCode::ControlStalled => 0xb,
         }
     }
 
@@ -64,6 +68,7 @@ impl CloseCode {
             Shutdown,
             HelloTimeout,
             DatagramsUnsupported,
+            ControlStalled,
         ]
         .into_iter()
         .find(|c| c.code() == code)
@@ -88,6 +93,7 @@ impl CloseCode {
             CloseCode::Shutdown => "shutdown",
             CloseCode::HelloTimeout => "hello_timeout",
             CloseCode::DatagramsUnsupported => "datagrams_unsupported",
+            CloseCode::ControlStalled => "control_stalled",
         }
     }
 
@@ -227,7 +233,7 @@ mod tests {
                 assert!(seen.insert(c.name()));
             }
         }
-        assert_eq!(seen.len(), 11);
+        assert_eq!(seen.len(), 12);
         assert_eq!(
             CloseCode::for_decode_error(&DecodeError::TooLong("control frame")),
             CloseCode::FrameTooLarge

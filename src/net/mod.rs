@@ -5,6 +5,7 @@
 //! nothing the application cannot stop: the [`Server::run`] future owns every
 //! connection task, and a [`Subscription`] does its work while it is polled.
 
+mod admission;
 mod analytics;
 mod cc;
 mod client;

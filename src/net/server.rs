@@ -13,12 +13,13 @@ use std::{
 
 use bytes::Bytes;
 use subtle::ConstantTimeEq;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, trace, warn};
 
 use super::{
+    admission::{self, Admission, Decision, Ticket},
     analytics::{pipeline, Feedback, Pipeline},
-    control::{self, FrameError, FrameReader},
+    control::{self, FrameError, FrameReader, WriterError},
     tls,
 };
 use crate::{
@@ -60,7 +61,43 @@ struct Counters {
     repair_datagrams_malformed: AtomicU64,
     congestion_events: AtomicU64,
     viewers_congested: AtomicU64,
+    retries_sent: AtomicU64,
+    refused_handshakes: AtomicU64,
+    refused_per_source: AtomicU64,
+    refused_server_full: AtomicU64,
+    hello_evicted: AtomicU64,
+    viewers_stalled: AtomicU64,
+    reports_impossible: AtomicU64,
+    /// Connections ended, by [`CLOSE_REASONS`] index.
+    closed: [AtomicU64; CLOSE_REASONS.len()],
 }
+
+/// Why connections end, as counted in `quicast_connections_closed_total`:
+/// the close codes (indexed by their value), then ends that carry none.
+const CLOSE_REASONS: [&str; 17] = [
+    CloseCode::Normal.name(),
+    CloseCode::ProtocolViolation.name(),
+    CloseCode::FrameTooLarge.name(),
+    CloseCode::UnsupportedVersion.name(),
+    CloseCode::Unauthorized.name(),
+    CloseCode::NoSuchStream.name(),
+    CloseCode::ServerFull.name(),
+    CloseCode::RateLimited.name(),
+    CloseCode::Shutdown.name(),
+    CloseCode::HelloTimeout.name(),
+    CloseCode::DatagramsUnsupported.name(),
+    CloseCode::ControlStalled.name(),
+    // The QUIC handshake did not finish in time.
+    "handshake_timeout",
+    // The QUIC handshake failed (TLS, version, or the peer gave up).
+    "handshake_failed",
+    // The viewer closed the connection (any code).
+    "peer_closed",
+    // Nothing heard from the viewer for the idle timeout.
+    "idle_timeout",
+    // Any other transport failure.
+    "lost",
+];
 
 /// A snapshot of the server's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -68,8 +105,34 @@ struct Counters {
 pub struct ServerStats {
     /// QUIC connections that completed the handshake.
     pub connections_accepted: u64,
-    /// Connection attempts refused at the connection limit.
+    /// Connection attempts refused, for any reason below.
     pub connections_refused: u64,
+    /// Attempts refused by QUIC because `max_handshakes` were in progress.
+    pub refused_handshakes: u64,
+    /// Attempts refused by QUIC because their address had `max_per_source`
+    /// connections not yet admitted.
+    pub refused_per_source: u64,
+    /// Connections closed with `server_full`: every viewer slot was taken.
+    pub refused_server_full: u64,
+    /// QUIC Retry packets sent to unvalidated addresses.
+    pub retries_sent: u64,
+    /// Connections waiting for Hello closed early to make room in the
+    /// `max_awaiting_hello` budget (also counted as `hello_timeout`).
+    pub hello_evicted: u64,
+    /// Viewers closed because their control stream did not drain.
+    pub viewers_stalled: u64,
+    /// Reports with values no real viewer can have (counters beyond what was
+    /// published to it, stalls longer than it has been connected, counters
+    /// going backwards); each closed its connection.
+    pub reports_impossible: u64,
+    /// Connections in the QUIC handshake now.
+    pub handshaking: u64,
+    /// Connections past the handshake that have not sent Hello yet.
+    pub awaiting_hello: u64,
+    /// Connections ended, by reason: the close code's name
+    /// ([`CloseCode::name`]), or `handshake_timeout`, `handshake_failed`,
+    /// `peer_closed`, `idle_timeout`, `lost`. Reasons never seen are absent.
+    pub closed: std::collections::BTreeMap<&'static str, u64>,
     /// Hellos answered with Reject (bad token, unknown stream, ...).
     pub viewers_rejected: u64,
     /// Viewers subscribed right now.
@@ -158,6 +221,7 @@ struct Shared {
     next_viewer: AtomicU64,
     counters: Counters,
     connections: AtomicUsize,
+    admission: Arc<Admission>,
     shutdown: watch::Sender<bool>,
     analytics: Pipeline,
     /// The analytics task, until `run` takes it to drive it.
@@ -243,12 +307,19 @@ impl Server {
         Ok(Server {
             endpoint,
             shared: Arc::new(Shared {
-                config,
                 policy,
                 floor,
                 streams: Mutex::new(HashMap::new()),
                 next_stream_id: AtomicU32::new(1),
                 next_viewer: AtomicU64::new(1),
+                admission: Admission::new(admission::Limits {
+                    max_handshakes: config.max_handshakes,
+                    retry_above: config.retry_above,
+                    max_per_source: config.max_per_source,
+                    max_awaiting_hello: config.max_awaiting_hello,
+                    max_viewers: config.max_connections,
+                }),
+                config,
                 counters: Counters::default(),
                 connections: AtomicUsize::new(0),
                 shutdown,
@@ -317,9 +388,25 @@ impl Server {
     /// Counters so far.
     pub fn stats(&self) -> ServerStats {
         let c = &self.shared.counters;
+        let (handshaking, awaiting_hello, _) = self.shared.admission.counts();
         ServerStats {
             connections_accepted: c.connections_accepted.load(Relaxed),
             connections_refused: c.connections_refused.load(Relaxed),
+            refused_handshakes: c.refused_handshakes.load(Relaxed),
+            refused_per_source: c.refused_per_source.load(Relaxed),
+            refused_server_full: c.refused_server_full.load(Relaxed),
+            retries_sent: c.retries_sent.load(Relaxed),
+            hello_evicted: c.hello_evicted.load(Relaxed),
+            viewers_stalled: c.viewers_stalled.load(Relaxed),
+            reports_impossible: c.reports_impossible.load(Relaxed),
+            handshaking: handshaking as u64,
+            awaiting_hello: awaiting_hello as u64,
+            closed: CLOSE_REASONS
+                .iter()
+                .zip(&c.closed)
+                .map(|(name, n)| (*name, n.load(Relaxed)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
             viewers_rejected: c.viewers_rejected.load(Relaxed),
             viewers: c.viewers.load(Relaxed),
             blocks_published: c.blocks_published.load(Relaxed),
@@ -518,17 +605,16 @@ impl Server {
                 tokio::select! {
                     incoming = endpoint.accept() => {
                         let Some(incoming) = incoming else { break };
-                        if shared.connections.load(Relaxed) >= shared.config.max_connections {
-                            shared.counters.connections_refused.fetch_add(1, Relaxed);
-                            debug!(remote = %incoming.remote_address(), "refused: connection limit");
-                            incoming.refuse();
+                        let Some((incoming, ticket)) = admit(&shared, incoming) else {
                             continue;
-                        }
+                        };
                         shared.connections.fetch_add(1, Relaxed);
                         let shared = shared.clone();
                         tasks.spawn(async move {
                             let remote = incoming.remote_address();
-                            if let Err(e) = serve(&shared, incoming).await {
+                            let result = serve(&shared, incoming, ticket).await;
+                            shared.counters.closed[close_reason(&result)].fetch_add(1, Relaxed);
+                            if let Err(e) = result {
                                 debug!(%remote, error = %e, "connection ended");
                             }
                             shared.connections.fetch_sub(1, Relaxed);
@@ -691,12 +777,77 @@ impl Drop for Publisher {
 /// Why a connection ended from the server's side.
 #[derive(Debug, thiserror::Error)]
 enum ConnEnd {
+    #[error("handshake timed out")]
+    HandshakeTimeout,
     #[error("handshake: {0}")]
-    Handshake(#[from] quinn::ConnectionError),
+    HandshakeFailed(quinn::ConnectionError),
+    #[error("connection: {0}")]
+    Lost(#[from] quinn::ConnectionError),
     #[error("closed: {code}: {reason}")]
     Closed { code: CloseCode, reason: String },
     #[error("write: {0}")]
     Write(#[from] quinn::WriteError),
+}
+
+/// The [`CLOSE_REASONS`] index of how a connection ended.
+fn close_reason(end: &Result<(), ConnEnd>) -> usize {
+    let other = |name: &str| {
+        CLOSE_REASONS
+            .iter()
+            .position(|r| *r == name)
+            .expect("listed")
+    };
+    let lost = |e: &quinn::ConnectionError| match e {
+        quinn::ConnectionError::ApplicationClosed(_)
+        | quinn::ConnectionError::ConnectionClosed(_)
+        | quinn::ConnectionError::Reset => other("peer_closed"),
+        quinn::ConnectionError::TimedOut => other("idle_timeout"),
+        _ => other("lost"),
+    };
+    match end {
+        Ok(()) => CloseCode::Normal.code() as usize,
+        Err(ConnEnd::Closed { code, .. }) => code.code() as usize,
+        Err(ConnEnd::HandshakeTimeout) => other("handshake_timeout"),
+        Err(ConnEnd::HandshakeFailed(_)) => other("handshake_failed"),
+        Err(ConnEnd::Lost(e)) => lost(e),
+        Err(ConnEnd::Write(quinn::WriteError::ConnectionLost(e))) => lost(e),
+        Err(ConnEnd::Write(_)) => other("lost"),
+    }
+}
+
+/// Runs a new attempt through the admission budgets: answers it with a Retry
+/// or a refusal (counted), or returns it with its ticket.
+fn admit(shared: &Shared, incoming: quinn::Incoming) -> Option<(quinn::Incoming, Ticket)> {
+    let remote = incoming.remote_address();
+    let c = &shared.counters;
+    let (decision, ticket) = shared
+        .admission
+        .incoming(remote.ip(), incoming.remote_address_validated());
+    match (decision, ticket) {
+        (Decision::Accept, Some(ticket)) => return Some((incoming, ticket)),
+        (Decision::Retry, _) => match incoming.retry() {
+            Ok(()) => {
+                c.retries_sent.fetch_add(1, Relaxed);
+                trace!(%remote, "retry");
+            }
+            // Only a validated address cannot be retried, and those are not.
+            Err(e) => e.into_incoming().ignore(),
+        },
+        (Decision::RefuseHandshakes, _) => {
+            c.connections_refused.fetch_add(1, Relaxed);
+            c.refused_handshakes.fetch_add(1, Relaxed);
+            trace!(%remote, "refused: handshake budget");
+            incoming.refuse();
+        }
+        (Decision::RefusePerSource, _) => {
+            c.connections_refused.fetch_add(1, Relaxed);
+            c.refused_per_source.fetch_add(1, Relaxed);
+            trace!(%remote, "refused: per-source budget");
+            incoming.refuse();
+        }
+        (Decision::Accept, None) => incoming.ignore(),
+    }
+    None
 }
 
 fn close(conn: &quinn::Connection, code: CloseCode, reason: impl Into<String>) -> ConnEnd {
@@ -744,21 +895,56 @@ fn token_ok(expected: &[&Bytes], given: &[u8]) -> bool {
         .into()
 }
 
-async fn serve(shared: &Shared, incoming: quinn::Incoming) -> Result<(), ConnEnd> {
-    let conn = incoming.await?;
+async fn serve(
+    shared: &Shared,
+    incoming: quinn::Incoming,
+    mut ticket: Ticket,
+) -> Result<(), ConnEnd> {
+    let connecting = incoming.accept().map_err(ConnEnd::HandshakeFailed)?;
+    // Dropping an unfinished handshake closes it and frees its place.
+    let conn = match tokio::time::timeout(shared.config.handshake_timeout, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Err(ConnEnd::HandshakeFailed(e)),
+        Err(_) => return Err(ConnEnd::HandshakeTimeout),
+    };
     shared.counters.connections_accepted.fetch_add(1, Relaxed);
-    let hello_timeout = shared.config.hello_timeout;
-    let (mut send, recv) = match tokio::time::timeout(hello_timeout, conn.accept_bi()).await {
+    match ticket.handshake_done(&conn) {
+        Err(admission::Full) => {
+            shared.counters.refused_server_full.fetch_add(1, Relaxed);
+            return Err(close(&conn, CloseCode::ServerFull, "server full"));
+        }
+        Ok(true) => {
+            shared.counters.hello_evicted.fetch_add(1, Relaxed);
+        }
+        Ok(false) => {}
+    }
+    // One hello timeout, from the end of the handshake to a complete Hello.
+    let deadline = tokio::time::Instant::now() + shared.config.hello_timeout;
+    // Closed by us while waiting: evicted from the Hello budget.
+    let evicted = |conn: &quinn::Connection| {
+        matches!(
+            conn.close_reason(),
+            Some(quinn::ConnectionError::LocallyClosed)
+        )
+        .then(|| ConnEnd::Closed {
+            code: CloseCode::HelloTimeout,
+            reason: "too many connections waiting for hello".into(),
+        })
+    };
+    let (send, recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
         Ok(Ok(pair)) => pair,
-        Ok(Err(e)) => return Err(e.into()),
+        Ok(Err(e)) => return Err(evicted(&conn).unwrap_or(e.into())),
         Err(_) => return Err(close(&conn, CloseCode::HelloTimeout, "no control stream")),
     };
+    let mut send = send;
     let mut reader = FrameReader::new(recv, shared.config.max_control_frame);
-    let hello = match tokio::time::timeout(hello_timeout, reader.next()).await {
+    let hello = match tokio::time::timeout_at(deadline, reader.next()).await {
         Err(_) => return Err(close(&conn, CloseCode::HelloTimeout, "no hello")),
         Ok(Ok(Some(msg))) => msg,
         Ok(Ok(None)) => return Err(close(&conn, CloseCode::ProtocolViolation, "no hello")),
-        Ok(Err(e)) => return Err(frame_error(shared, &conn, e)),
+        Ok(Err(e)) => {
+            return Err(evicted(&conn).unwrap_or_else(|| frame_error(shared, &conn, e)));
+        }
     };
     let ControlMessage::Hello {
         version,
@@ -839,15 +1025,26 @@ async fn serve(shared: &Shared, incoming: quinn::Incoming) -> Result<(), ConnEnd
             "path datagram size below shard size; oversized shards will be counted and dropped"
         );
     }
-    control::write(
-        &mut send,
-        &ControlMessage::Welcome {
-            stream_id,
-            clock_us: epoch.elapsed().as_micros() as u64,
-            report_interval_ms: shared.config.report_interval.as_millis() as u64,
-        },
-    )
-    .await?;
+    if ticket.admit().is_err() {
+        shared.counters.refused_server_full.fetch_add(1, Relaxed);
+        return Err(reject(
+            shared,
+            &conn,
+            &mut send,
+            CloseCode::ServerFull,
+            "server full",
+        )
+        .await);
+    }
+    // From here on control output goes through the queue and its writer.
+    let (ctl, ctl_rx) = mpsc::channel(control::QUEUE);
+    let _ = ctl.try_send(ControlMessage::Welcome {
+        stream_id,
+        clock_us: epoch.elapsed().as_micros() as u64,
+        report_interval_ms: shared.config.report_interval.as_millis() as u64,
+    });
+    let writer = control::writer(send, ctl_rx, shared.config.control_drain);
+    tokio::pin!(writer);
     info!(remote = %conn.remote_address(), stream, agent, "viewer joined");
     let viewer = shared.next_viewer.fetch_add(1, Relaxed);
     let (feedback_tx, feedback) = watch::channel(Feedback::default());
@@ -877,7 +1074,22 @@ async fn serve(shared: &Shared, incoming: quinn::Incoming) -> Result<(), ConnEnd
         handed: 0,
         floor_set: None,
     };
-    let result = pump(shared, &conn, &mut send, &mut reader, &mut rx, &mut viewer).await;
+    let mut written = false;
+    let result = tokio::select! {
+        r = pump(shared, &conn, ctl, &mut reader, &mut rx, &mut viewer) => r,
+        w = &mut writer => {
+            written = true;
+            Err(writer_end(shared, &conn, w))
+        }
+    };
+    if !written && conn.close_reason().is_none() {
+        // A Goodbye or EndOfStream may still be queued: let it leave, bounded.
+        let _ = tokio::time::timeout(Duration::from_millis(500), &mut writer).await;
+    }
+    if let Err(ConnEnd::Closed { code, reason }) = &result {
+        // The pump leaves the close to us when a message had to go first.
+        conn.close(code.varint(), reason.as_bytes());
+    }
     // Whatever quinn took but never put on the wire was dropped at the sender.
     let framed = conn.stats().frame_tx.datagram;
     shared
@@ -891,8 +1103,7 @@ async fn serve(shared: &Shared, incoming: quinn::Incoming) -> Result<(), ConnEnd
     shared.counters.viewers.fetch_sub(1, Relaxed);
     let reason = match &result {
         Err(ConnEnd::Closed { code, .. }) => code.name().to_string(),
-        Err(ConnEnd::Handshake(e)) => format!("connection: {e}"),
-        Err(ConnEnd::Write(e)) => format!("write: {e}"),
+        Err(e) => e.to_string(),
         Ok(()) => "closed".into(),
     };
     shared
@@ -935,6 +1146,48 @@ fn frame_error(shared: &Shared, conn: &quinn::Connection, e: FrameError) -> Conn
         FrameError::Decode(e) => {
             shared.counters.control_errors.fetch_add(1, Relaxed);
             close(conn, CloseCode::for_decode_error(&e), e.to_string())
+        }
+    }
+}
+
+/// How the control writer's end ends the connection.
+fn writer_end(shared: &Shared, conn: &quinn::Connection, end: Result<(), WriterError>) -> ConnEnd {
+    match end {
+        Err(WriterError::Stalled(bound)) => {
+            shared.counters.viewers_stalled.fetch_add(1, Relaxed);
+            close(
+                conn,
+                CloseCode::ControlStalled,
+                format!("control stream not drained within {} ms", bound.as_millis()),
+            )
+        }
+        Err(WriterError::Write(e)) => ConnEnd::Write(e),
+        // Only the pump can close the queue, and it has returned by then.
+        Ok(()) => close(conn, CloseCode::Normal, "closed"),
+    }
+}
+
+/// Queues a control message for the viewer's writer, never waiting: a full
+/// queue means the viewer has not taken [`control::QUEUE`] messages, and it
+/// is closed (counted).
+fn queue(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    ctl: &mpsc::Sender<ControlMessage>,
+    msg: ControlMessage,
+) -> Result<(), ConnEnd> {
+    match ctl.try_send(msg) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            shared.counters.viewers_stalled.fetch_add(1, Relaxed);
+            Err(close(
+                conn,
+                CloseCode::ControlStalled,
+                format!("{} control messages not drained", control::QUEUE),
+            ))
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(close(conn, CloseCode::Normal, "control stream closed"))
         }
     }
 }
@@ -1045,7 +1298,7 @@ fn add_sender_stats(shared: &Shared, before: SenderStats, after: SenderStats) {
 async fn pump(
     shared: &Shared,
     conn: &quinn::Connection,
-    send: &mut quinn::SendStream,
+    ctl: mpsc::Sender<ControlMessage>,
     reader: &mut FrameReader,
     rx: &mut broadcast::Receiver<Item>,
     viewer: &mut Viewer,
@@ -1085,7 +1338,7 @@ async fn pump(
                     }
                 }
                 Ok(Item::End { last_seq }) => {
-                    control::write(send, &ControlMessage::EndOfStream { last_seq }).await?;
+                    queue(shared, conn, &ctl, ControlMessage::EndOfStream { last_seq })?;
                     linger = Some(tokio::time::Instant::now() + END_LINGER);
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -1146,7 +1399,7 @@ async fn pump(
                 // it at the floor), whatever the loss the congestion caused.
                 viewer.sender.set_loss(loss);
                 if let Some(summary) = summary {
-                    control::write(send, &ControlMessage::Summary(summary)).await?;
+                    queue(shared, conn, &ctl, ControlMessage::Summary(summary))?;
                 }
             }
             dg = conn.read_datagram() => match dg {
@@ -1161,10 +1414,13 @@ async fn pump(
                     code: CloseCode::Shutdown.code(),
                     reason: "server shutting down".into(),
                 };
-                let _ = tokio::time::timeout(Duration::from_millis(500), control::write(send, &bye)).await;
-                let _ = send.finish();
-                let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
-                return Err(close(conn, CloseCode::Shutdown, "server shutting down"));
+                // The writer sends it and finishes the stream; the caller
+                // closes once it has (bounded).
+                let _ = ctl.try_send(bye);
+                return Err(ConnEnd::Closed {
+                    code: CloseCode::Shutdown,
+                    reason: "server shutting down".into(),
+                });
             }
             _ = linger_sleep => return Err(close(conn, CloseCode::Normal, "end of stream")),
         }

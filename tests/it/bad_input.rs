@@ -182,6 +182,14 @@ impl Attacker {
     /// Completes the QUIC handshake and opens the control stream (which the
     /// server sees only once something is written to it). Nothing is sent.
     async fn connect(srv: &TestServer) -> Attacker {
+        Self::connect_tuned(srv, |_| {}).await
+    }
+
+    /// [`connect`](Self::connect) with the transport config changed by `tweak`.
+    async fn connect_tuned(
+        srv: &TestServer,
+        tweak: impl FnOnce(&mut quinn::TransportConfig),
+    ) -> Attacker {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(srv.cert.clone()).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -195,6 +203,7 @@ impl Attacker {
         transport
             .datagram_receive_buffer_size(Some(1 << 20))
             .max_idle_timeout(Some(STEP.try_into().unwrap()));
+        tweak(&mut transport);
         let mut config =
             quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
         config.transport_config(Arc::new(transport));
@@ -855,4 +864,120 @@ async fn token_hides_which_streams_exist() {
         "an authorized viewer learns the stream is missing: {err:?}"
     );
     srv.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Limits: viewers that stall, connections that stay silent, a full server.
+
+/// A viewer that never grants control-stream credit (a 64-byte stream window,
+/// never read) while asking for Summaries: its control writer stalls, and it
+/// is closed within the drain bound and counted; media to the good viewer is
+/// untouched, and the stuck viewer's slot is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_credit_withheld() {
+    const DRAIN: Duration = Duration::from_millis(500);
+    let scene = Scene::with(
+        |c| {
+            c.control_drain(DRAIN)
+                .report_interval(Duration::from_millis(100));
+        },
+        |_| {},
+    )
+    .await;
+    let mut a = Attacker::connect_tuned(&scene.srv, |t| {
+        t.stream_receive_window(64u32.into());
+    })
+    .await;
+    a.hello().await;
+    scene
+        .wait_for("attacker admitted", |s| s.viewers == 2)
+        .await;
+    // Honest-looking reports, each answered with a Summary it never reads.
+    let conn = a.conn.clone();
+    let reports = async {
+        for _ in 0..100 {
+            let _ = a
+                .write_raw(&frame(&ControlMessage::Report(Report::default())))
+                .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let started = Instant::now();
+    tokio::select! {
+        _ = reports => panic!("stuck viewer was never closed"),
+        _ = conn.closed() => {}
+    }
+    let took = started.elapsed();
+    println!("stuck viewer closed after {took:?}");
+    a.expect_close(CloseCode::ControlStalled, &["control", "drained"])
+        .await;
+    // Summaries start after the first report; the window fills within two;
+    // then one drain bound. Generous for a loaded machine, far below forever.
+    assert!(took < DRAIN + Duration::from_secs(3), "took {took:?}");
+    scene.wait_for("slot given back", |s| s.viewers == 1).await;
+    let stats = scene.finish().await;
+    assert_eq!(stats.viewers_stalled, 1);
+    assert_eq!(stats.closed.get("control_stalled"), Some(&1));
+}
+
+/// The hello timeout runs once, from the end of the handshake: opening the
+/// control stream late does not start it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_timeout_runs_once() {
+    const HELLO: Duration = Duration::from_secs(1);
+    let scene = Scene::with(
+        |c| {
+            c.hello_timeout(HELLO);
+        },
+        |_| {},
+    )
+    .await;
+    let mut a = Attacker::connect(&scene.srv).await;
+    let connected = Instant::now();
+    tokio::time::sleep(HELLO * 7 / 10).await;
+    // Half a frame: the stream is open, the Hello never completes.
+    a.write_raw(&[5]).await.expect("write");
+    a.expect_close(CloseCode::HelloTimeout, &["hello"]).await;
+    let took = connected.elapsed();
+    println!("closed {took:?} after the handshake (hello timeout {HELLO:?})");
+    assert!(
+        took < HELLO + HELLO * 4 / 10,
+        "closed after {took:?}: the timeout restarted when the stream opened"
+    );
+    let stats = scene.finish().await;
+    assert_eq!(stats.closed.get("hello_timeout"), Some(&1));
+}
+
+/// With every viewer slot taken, a new viewer is told `server_full` in the
+/// documented code, once, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_full_is_answered_with_its_code() {
+    let scene = Scene::with(
+        |c| {
+            c.max_connections(1);
+        },
+        |_| {},
+    )
+    .await;
+    let err = within(
+        "second viewer refused",
+        scene.srv.viewer(scene.srv.client_config(STREAM), 0.0, 0),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Rejected {
+                code: CloseCode::ServerFull,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let text = format!("{:#}", anyhow::Error::from(err));
+    assert_eq!(text.matches("server full").count(), 1, "{text}");
+    let stats = scene.finish().await;
+    assert_eq!(stats.refused_server_full, 1);
+    assert_eq!(stats.closed.get("server_full"), Some(&1));
 }
