@@ -19,7 +19,7 @@ use super::{
 use crate::{
     config::ClientConfig,
     session::{Event, Receiver, ReceiverConfig, ReceiverStats},
-    wire::{self, ClientEvent, ControlMessage, Summary},
+    wire::{self, ClientEvent, ControlMessage, Report, Summary},
     ClientError, CloseCode,
 };
 
@@ -118,6 +118,8 @@ impl Client {
             pending: None,
             done: false,
             left: false,
+            base: Report::default(),
+            base_at: started,
         };
         let events = Box::pin(futures_unfold(session));
         Ok(Subscription {
@@ -364,6 +366,11 @@ struct Session {
     pending: Option<Event>,
     done: bool,
     left: bool,
+    /// The receiver's counters when the current connection began: a report
+    /// counts from here, since the server bounds each connection's reports
+    /// by what it sent on that connection.
+    base: Report,
+    base_at: Instant,
 }
 
 /// `futures::stream::unfold` without the dependency: the session's state lives
@@ -491,7 +498,7 @@ impl Session {
             }
             _ = tokio::time::sleep_until(self.next_report) => {
                 self.next_report += self.link.report_interval;
-                let report = self.lock().receiver.report(Instant::now());
+                let report = self.report(Instant::now());
                 self.write(&ControlMessage::Report(report)).await?;
             }
             Some(ev) = self.app_rx.recv() => self.write(&ControlMessage::Event(ev)).await?,
@@ -507,6 +514,29 @@ impl Session {
             }
         }
         Ok(None)
+    }
+
+    /// The receiver's report, counted from the current connection's start.
+    /// Stall time is capped at the time since then: a stall that began before
+    /// a reconnect belongs to the connection that was lost.
+    fn report(&self, now: Instant) -> Report {
+        let mut r = self.lock().receiver.report(now);
+        let b = &self.base;
+        for (v, base) in [
+            (&mut r.blocks_delivered, b.blocks_delivered),
+            (&mut r.blocks_recovered, b.blocks_recovered),
+            (&mut r.blocks_lost, b.blocks_lost),
+            (&mut r.shards_late, b.shards_late),
+            (&mut r.shards_received, b.shards_received),
+            (&mut r.shards_missing, b.shards_missing),
+            (&mut r.stalls, b.stalls),
+            (&mut r.stall_ms, b.stall_ms),
+        ] {
+            *v = v.saturating_sub(base);
+        }
+        let since = now.saturating_duration_since(self.base_at).as_millis() as u64;
+        r.stall_ms = r.stall_ms.min(since);
+        r
     }
 
     async fn write(&mut self, msg: &ControlMessage) -> Result<(), ClientError> {
@@ -545,12 +575,28 @@ impl Session {
             .unwrap_or(Err(ClientError::Timeout));
             match attempt {
                 Ok(link) => {
-                    {
+                    let base = {
                         let mut st = self.lock();
                         st.conn = link.conn.clone();
                         st.receiver
                             .restart(link.stream_id, link.sender_clock_us, link.at);
-                    }
+                        let s = st.receiver.stats();
+                        // A stall still running goes on counting; the cap in
+                        // `report` keeps it within this connection's time.
+                        Report {
+                            blocks_delivered: s.blocks_delivered,
+                            blocks_recovered: s.blocks_recovered,
+                            blocks_lost: s.blocks_lost,
+                            shards_late: s.shards_late,
+                            shards_received: s.shards_received,
+                            shards_missing: s.shards_missing,
+                            stalls: s.stalls,
+                            stall_ms: s.stalled.as_millis() as u64,
+                            ..Report::default()
+                        }
+                    };
+                    self.base = base;
+                    self.base_at = Instant::now();
                     self.next_report = tokio::time::Instant::now() + link.report_interval;
                     self.link = link;
                     self.pending = Some(Event::Reconnected { attempts });
@@ -593,7 +639,7 @@ impl Session {
         if std::mem::replace(&mut self.left, true) {
             return;
         }
-        let report = self.lock().receiver.report(Instant::now());
+        let report = self.report(Instant::now());
         let send = &mut self.link.send;
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
             control::write(send, &ControlMessage::Report(report)).await?;

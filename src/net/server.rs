@@ -23,7 +23,7 @@ use super::{
     tls,
 };
 use crate::{
-    analytics::{Aggregator, Input, InputKind, Metric, MetricKind, Snapshot, Validator},
+    analytics::{Aggregator, Input, InputKind, Metric, MetricKind, Published, Snapshot, Validator},
     config::ServerConfig,
     fec::{EncodedBlock, Encoder},
     session::{Sender, SenderConfig, SenderStats, TokenBucket},
@@ -160,7 +160,8 @@ pub struct ServerStats {
     pub datagrams_from_viewers: u64,
     /// Reports received.
     pub reports: u64,
-    /// Reports the validator refused (counters going backwards, ...).
+    /// Reports the validator refused (counters going backwards, values beyond
+    /// what was published); each closed its connection, see `reports_impossible`.
     pub reports_rejected: u64,
     /// Analytics events accepted into the queue.
     pub events_accepted: u64,
@@ -900,6 +901,7 @@ async fn serve(
     incoming: quinn::Incoming,
     mut ticket: Ticket,
 ) -> Result<(), ConnEnd> {
+    let began = Instant::now();
     let connecting = incoming.accept().map_err(ConnEnd::HandshakeFailed)?;
     // Dropping an unfinished handshake closes it and frees its place.
     let conn = match tokio::time::timeout(shared.config.handshake_timeout, connecting).await {
@@ -1069,6 +1071,8 @@ async fn serve(
         stream: stream.clone(),
         feedback,
         validator: Validator::new(),
+        began,
+        offered: Offered::default(),
         sender: Sender::new(sender, conn.rtt()),
         congested: false,
         handed: 0,
@@ -1120,6 +1124,10 @@ struct Viewer {
     stream: String,
     feedback: watch::Receiver<Feedback>,
     validator: Validator,
+    /// When its connection attempt arrived.
+    began: Instant,
+    /// What its reports are bounded by.
+    offered: Offered,
     /// What goes to this viewer, and when.
     sender: Sender,
     /// Whether `viewers_congested` counts this viewer.
@@ -1130,7 +1138,26 @@ struct Viewer {
     floor_set: Option<Instant>,
 }
 
+/// What one viewer was offered since it joined.
+#[derive(Debug, Default)]
+struct Offered {
+    blocks: u64,
+    shards: u64,
+    /// Most shards of one block, to bound what a skipped block could add.
+    max_block_shards: u64,
+}
+
 impl Viewer {
+    /// The most a real viewer's report can count now.
+    fn published(&self, sent_shards: u64, now: Instant) -> Published {
+        Published {
+            sent_shards,
+            blocks: self.offered.blocks,
+            shards: self.offered.shards,
+            elapsed_ms: now.saturating_duration_since(self.began).as_millis() as u64,
+        }
+    }
+
     fn input(&self, kind: InputKind) -> Input {
         Input {
             viewer: self.id,
@@ -1142,6 +1169,8 @@ impl Viewer {
 
 fn frame_error(shared: &Shared, conn: &quinn::Connection, e: FrameError) -> ConnEnd {
     match e {
+        // The viewer went away (or closed): no violation of ours to report.
+        FrameError::Read(quinn::ReadError::ConnectionLost(e)) => ConnEnd::Lost(e),
         FrameError::Read(e) => close(conn, CloseCode::ProtocolViolation, e.to_string()),
         FrameError::Decode(e) => {
             shared.counters.control_errors.fetch_add(1, Relaxed);
@@ -1329,6 +1358,11 @@ async fn pump(
                     trace!(target: "quicast::cc", seq = block.seq(), path = ?conn.stats().path, space = conn.datagram_send_buffer_space(), "block");
                     let now = Instant::now();
                     let wire = block.wire_bytes(usize::MAX) as u64;
+                    let shards = block.datagrams().len() as u64;
+                    let offered = &mut viewer.offered;
+                    offered.blocks += 1;
+                    offered.shards += shards;
+                    offered.max_block_shards = offered.max_block_shards.max(shards);
                     viewer.sender.push_block(now, block, at);
                     if viewer.floor_set.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
                         viewer.floor_set = Some(now);
@@ -1343,6 +1377,9 @@ async fn pump(
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     shared.counters.blocks_skipped.fetch_add(n, Relaxed);
+                    let offered = &mut viewer.offered;
+                    offered.blocks += n;
+                    offered.shards += n.saturating_mul(offered.max_block_shards.max(1));
                     debug!(skipped = n, "viewer fell behind; skipping to newer blocks");
                 }
                 Err(broadcast::error::RecvError::Closed) => {
@@ -1365,14 +1402,24 @@ async fn pump(
                         shared.counters.reports.fetch_add(1, Relaxed);
                         // Datagrams that left: quinn's evictions never count as path loss.
                         let sent_shards = conn.stats().frame_tx.datagram;
-                        match viewer.validator.check(&report, sent_shards) {
+                        let limits = viewer.published(sent_shards, Instant::now());
+                        match viewer.validator.check_within(&report, &limits) {
                             Ok(report) => shared.analytics.offer(viewer.input(InputKind::Report {
                                 report,
                                 sent_shards,
                             })),
+                            // No real viewer sends this: nothing of it may reach the figures.
                             Err(e) => {
-                                shared.counters.reports_rejected.fetch_add(1, Relaxed);
-                                debug!(error = %e, "report rejected");
+                                let c = &shared.counters;
+                                c.reports_rejected.fetch_add(1, Relaxed);
+                                c.reports_impossible.fetch_add(1, Relaxed);
+                                c.control_errors.fetch_add(1, Relaxed);
+                                debug!(error = %e, ?limits, "impossible report");
+                                return Err(close(
+                                    conn,
+                                    CloseCode::ProtocolViolation,
+                                    format!("impossible report: {e}"),
+                                ));
                             }
                         }
                     }

@@ -981,3 +981,43 @@ async fn server_full_is_answered_with_its_code() {
     assert_eq!(stats.refused_server_full, 1);
     assert_eq!(stats.closed.get("server_full"), Some(&1));
 }
+
+/// A report with counters no real viewer can have (more blocks lost than
+/// were ever published to it, stalls longer than it has been connected)
+/// closes that connection as a protocol violation, is counted, and leaves the
+/// stream's figures as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_impossible_counters() {
+    let scene = Scene::start().await;
+    type Lie = fn(&mut Report);
+    let lies: [(&str, Lie); 3] = [
+        ("blocks_lost", |r| r.blocks_lost = (1 << 62) - 1),
+        ("stalls", |r| r.stalls = 1 << 40),
+        ("stall_ms", |r| r.stall_ms = (1 << 62) - 1),
+    ];
+    for (i, (name, lie)) in lies.into_iter().enumerate() {
+        let (mut a, _) = Attacker::join(&scene.srv).await;
+        // An honest report first: the lie is not about counters going backwards.
+        a.write_raw(&frame(&ControlMessage::Report(Report::default())))
+            .await
+            .expect("report");
+        let mut r = Report::default();
+        lie(&mut r);
+        let _ = a.write_raw(&frame(&ControlMessage::Report(r))).await;
+        a.expect_close(CloseCode::ProtocolViolation, &["impossible", "report"])
+            .await;
+        scene
+            .wait_for(name, |s| s.reports_impossible == i as u64 + 1)
+            .await;
+    }
+    // Let the aggregator apply whatever was queued, then read the figures.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let live = scene.srv.server.analytics().streams[STREAM].clone();
+    assert_eq!(live.blocks_lost, 0, "{live:?}");
+    assert_eq!(live.stalls, 0, "{live:?}");
+    assert!(live.stall_seconds < 1.0, "{live:?}");
+    assert!(live.loss_after_fec < 0.01, "{live:?}");
+    let stats = scene.finish().await;
+    assert_eq!(stats.reports_impossible, 3);
+    assert_eq!(stats.closed.get("protocol_violation"), Some(&3));
+}
