@@ -578,7 +578,70 @@ impl Server {
                 "Analytics events dropped (queue full).",
                 stats.events_dropped,
             ),
+            counter(
+                "quicast_retries_sent_total",
+                "QUIC Retry packets sent to unvalidated addresses.",
+                stats.retries_sent,
+            ),
+            counter(
+                "quicast_viewers_stalled_total",
+                "Viewers closed because their control stream did not drain.",
+                stats.viewers_stalled,
+            ),
+            counter(
+                "quicast_reports_impossible_total",
+                "Reports with impossible values (connection closed).",
+                stats.reports_impossible,
+            ),
         ];
+        let labelled = |name: &str, help: &str, kind, label: &str, value: &str, n: u64| Metric {
+            name: name.into(),
+            help: help.into(),
+            kind,
+            value: n as f64,
+            labels: vec![(label.into(), value.into())],
+        };
+        let mut extra = extra.to_vec();
+        for (reason, n) in [
+            ("handshake_budget", stats.refused_handshakes),
+            ("per_source", stats.refused_per_source),
+            ("server_full", stats.refused_server_full),
+        ] {
+            extra.push(labelled(
+                "quicast_connections_refused_by_total",
+                "Connection attempts refused, by budget.",
+                MetricKind::Counter,
+                "reason",
+                reason,
+                n,
+            ));
+        }
+        // Every reason, zeros included, so a rate() over any of them works
+        // from the first scrape.
+        for (i, reason) in CLOSE_REASONS.iter().enumerate() {
+            extra.push(labelled(
+                "quicast_connections_closed_total",
+                "Connections ended, by reason (close code name or transport outcome).",
+                MetricKind::Counter,
+                "reason",
+                reason,
+                self.shared.counters.closed[i].load(Relaxed),
+            ));
+        }
+        for (state, n) in [
+            ("handshaking", stats.handshaking),
+            ("awaiting_hello", stats.awaiting_hello),
+            ("viewer", stats.viewers),
+        ] {
+            extra.push(labelled(
+                "quicast_connections",
+                "Open connections by state.",
+                MetricKind::Gauge,
+                "state",
+                state,
+                n,
+            ));
+        }
         crate::analytics::render(&snapshot, &extra)
     }
 

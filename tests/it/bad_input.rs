@@ -977,6 +977,18 @@ async fn server_full_is_answered_with_its_code() {
     );
     let text = format!("{:#}", anyhow::Error::from(err));
     assert_eq!(text.matches("server full").count(), 1, "{text}");
+    scene
+        .wait_for("close counted", |s| s.refused_server_full == 1)
+        .await;
+    let metrics = scene.srv.server.metrics_text();
+    for line in [
+        "quicast_connections_closed_total{reason=\"server_full\"} 1",
+        "quicast_connections_refused_by_total{reason=\"server_full\"} 1",
+        "quicast_connections{state=\"viewer\"} 1",
+        "quicast_connections{state=\"awaiting_hello\"} 0",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
+    }
     let stats = scene.finish().await;
     assert_eq!(stats.refused_server_full, 1);
     assert_eq!(stats.closed.get("server_full"), Some(&1));
