@@ -18,6 +18,10 @@ pub const DEFAULT_DATAGRAM_SEND_BUFFER: usize = 128 * 1024;
 /// Default absolute lower bound of the congestion window: none. The server's
 /// floor follows each stream's rate instead; see [`ServerConfig::min_window`].
 pub const DEFAULT_MIN_WINDOW: u64 = 0;
+/// Default size one event log file may reach before it is rotated: 64 MiB.
+pub const DEFAULT_EVENT_LOG_MAX_BYTES: u64 = 64 << 20;
+/// Default rotated event log files kept (`PATH.1` .. `PATH.3`).
+pub const DEFAULT_EVENT_LOG_KEEP: usize = 3;
 /// Default analytics queue, in events.
 pub const DEFAULT_ANALYTICS_QUEUE: usize = 4096;
 /// Default limit on admitted viewers (connections past Hello).
@@ -162,6 +166,8 @@ pub struct ServerConfig {
     pub(crate) policy: RedundancyPolicy,
     pub(crate) analytics_queue: usize,
     pub(crate) event_log: Option<PathBuf>,
+    pub(crate) event_log_max_bytes: u64,
+    pub(crate) event_log_keep: usize,
 }
 
 impl ServerConfig {
@@ -196,6 +202,8 @@ impl ServerConfig {
             policy: RedundancyPolicy::default(),
             analytics_queue: DEFAULT_ANALYTICS_QUEUE,
             event_log: None,
+            event_log_max_bytes: DEFAULT_EVENT_LOG_MAX_BYTES,
+            event_log_keep: DEFAULT_EVENT_LOG_KEEP,
         }
     }
 
@@ -228,6 +236,17 @@ impl ServerConfig {
     /// durable record. Default none. Flushed on [`Server::shutdown`](crate::Server::shutdown).
     pub fn event_log(&mut self, path: Option<PathBuf>) -> &mut Self {
         self.event_log = path;
+        self
+    }
+
+    /// Bounds the event log: a file that would grow past `max_bytes` is
+    /// renamed `PATH.1` (older ones move to `PATH.2` .. `PATH.keep`, the
+    /// oldest is deleted) and a new one started. Default
+    /// [`DEFAULT_EVENT_LOG_MAX_BYTES`] and [`DEFAULT_EVENT_LOG_KEEP`]: at most
+    /// 256 MiB on disk. `keep = 0` truncates in place.
+    pub fn event_log_rotation(&mut self, max_bytes: u64, keep: usize) -> &mut Self {
+        self.event_log_max_bytes = max_bytes.max(4096);
+        self.event_log_keep = keep;
         self
     }
 

@@ -169,8 +169,12 @@ pub struct ServerStats {
     pub events_dropped: u64,
     /// Analytics events applied by the aggregator.
     pub events_applied: u64,
-    /// Lines written to the event log.
+    /// Events written to the event log and flushed (one line each).
     pub events_logged: u64,
+    /// Events the event log could not take (a write or flush failed, e.g. a
+    /// full disk): applied, not logged. With a log configured, accepted =
+    /// logged + log errors once the pipeline has drained.
+    pub events_log_errors: u64,
     /// Shards not sent because their block could no longer reach the viewer
     /// by its deadline (or the sender's queue was over its bound).
     pub shards_expired: u64,
@@ -303,7 +307,14 @@ impl Server {
         let (analytics, task) = pipeline(
             Aggregator::new(analytics),
             config.analytics_queue,
-            config.event_log.clone(),
+            config
+                .event_log
+                .clone()
+                .map(|path| super::analytics::LogConfig {
+                    path,
+                    max_bytes: config.event_log_max_bytes,
+                    keep: config.event_log_keep,
+                }),
         );
         Ok(Server {
             endpoint,
@@ -434,6 +445,7 @@ impl Server {
             events_dropped: self.shared.analytics.dropped.load(Relaxed),
             events_applied: self.lock_aggregator().applied(),
             events_logged: self.shared.analytics.logged.load(Relaxed),
+            events_log_errors: self.shared.analytics.log_errors.load(Relaxed),
         }
     }
 
@@ -577,6 +589,16 @@ impl Server {
                 "quicast_events_dropped_total",
                 "Analytics events dropped (queue full).",
                 stats.events_dropped,
+            ),
+            counter(
+                "quicast_events_logged_total",
+                "Analytics events written to the event log and flushed.",
+                stats.events_logged,
+            ),
+            counter(
+                "quicast_events_log_errors_total",
+                "Analytics events the event log could not take (write or flush failed).",
+                stats.events_log_errors,
             ),
             counter(
                 "quicast_retries_sent_total",
