@@ -52,6 +52,13 @@ pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default QUIC keep-alive interval.
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// Default QUIC idle timeout of a viewer: a server silent this long is dead.
+/// QUIC uses the smaller of the two sides' timeouts, so the server notices a
+/// dead viewer as fast.
+pub const DEFAULT_CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default QUIC keep-alive interval of a viewer: four per idle timeout, so a
+/// live but quiet path never times out from three lost keep-alives.
+pub const DEFAULT_CLIENT_KEEP_ALIVE: Duration = Duration::from_millis(500);
 /// Default control messages a viewer may send per second (sustained).
 pub const DEFAULT_CONTROL_RATE: u32 = 50;
 /// Default latency budget of a viewer: from a block's sender timestamp to delivery.
@@ -511,8 +518,8 @@ impl ClientConfig {
             latency: DEFAULT_LATENCY,
             decoder: DecoderConfig::default(),
             congestion: CongestionControl::default(),
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            keep_alive: DEFAULT_KEEP_ALIVE,
+            idle_timeout: DEFAULT_CLIENT_IDLE_TIMEOUT,
+            keep_alive: DEFAULT_CLIENT_KEEP_ALIVE,
             handshake_timeout: Duration::from_secs(5),
             datagram_receive_buffer: 4 << 20,
             reconnect: Some(DEFAULT_RECONNECT),
@@ -526,7 +533,10 @@ impl ClientConfig {
     /// Attempts back off from 100 ms, doubling, to 2 s. A reconnected viewer
     /// resumes at the live edge: blocks it was still waiting for are counted
     /// lost, and [`Event::Reconnected`](crate::Event::Reconnected) marks the
-    /// gap. Rejections (wrong token, unknown stream) are never retried, nor is
+    /// gap with the blocks missed meanwhile (also
+    /// [`Subscription::reconnects`](crate::Subscription::reconnects) and
+    /// [`Subscription::blocks_missed`](crate::Subscription::blocks_missed)).
+    /// Rejections (wrong token, unknown stream) are never retried, nor is
     /// a failure of the first connection.
     pub fn reconnect(&mut self, window: Option<Duration>) -> &mut Self {
         self.reconnect = window;
@@ -586,13 +596,17 @@ impl ClientConfig {
     }
 
     /// QUIC idle timeout: how long a silent server is considered alive. Default
-    /// [`DEFAULT_IDLE_TIMEOUT`].
+    /// [`DEFAULT_CLIENT_IDLE_TIMEOUT`] (2 s): a live server sends media and
+    /// keep-alives far more often, so silence this long means it is gone, and
+    /// the viewer reconnects (see [`reconnect`](Self::reconnect)) instead of
+    /// waiting. Longer rides out longer blackouts on one connection.
     pub fn idle_timeout(&mut self, t: Duration) -> &mut Self {
         self.idle_timeout = t;
         self
     }
 
-    /// QUIC keep-alive interval. Default [`DEFAULT_KEEP_ALIVE`].
+    /// QUIC keep-alive interval. Default [`DEFAULT_CLIENT_KEEP_ALIVE`]; keep it
+    /// well under the idle timeout.
     pub fn keep_alive(&mut self, t: Duration) -> &mut Self {
         self.keep_alive = t;
         self

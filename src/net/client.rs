@@ -106,6 +106,8 @@ impl Client {
             summary: None,
             conn: link.conn.clone(),
             closed: false,
+            reconnects: 0,
+            missed: 0,
         }));
         let (app_tx, app_rx) = mpsc::channel(64);
         let session = Session {
@@ -120,6 +122,7 @@ impl Client {
             left: false,
             base: Report::default(),
             base_at: started,
+            resumed: None,
         };
         let events = Box::pin(futures_unfold(session));
         Ok(Subscription {
@@ -267,6 +270,10 @@ struct Status {
     conn: quinn::Connection,
     /// The app closed the subscription: do not reconnect.
     closed: bool,
+    /// Connections re-established after one was lost.
+    reconnects: u64,
+    /// Blocks published while disconnected that were never seen.
+    missed: u64,
 }
 
 /// A viewer's subscription: a `Stream` of [`Event`]s in sequence order.
@@ -304,6 +311,19 @@ impl Subscription {
     /// Receiver counters so far.
     pub fn stats(&self) -> ReceiverStats {
         self.lock().receiver.stats().clone()
+    }
+
+    /// Times the connection was lost and re-established.
+    pub fn reconnects(&self) -> u64 {
+        self.lock().reconnects
+    }
+
+    /// Blocks published while the viewer was disconnected that it never saw:
+    /// neither delivered nor counted in [`ReceiverStats::blocks_lost`]. A
+    /// report of delivered blocks is only whole with these added in. See
+    /// [`Event::Reconnected`].
+    pub fn blocks_missed(&self) -> u64 {
+        self.lock().missed
     }
 
     /// The latest analytics summary from the server.
@@ -371,6 +391,9 @@ struct Session {
     /// by what it sent on that connection.
     base: Report,
     base_at: Instant,
+    /// After a reconnect, until the first block: the attempts it took and
+    /// the highest sequence known before the outage.
+    resumed: Option<(u32, Option<u64>)>,
 }
 
 /// `futures::stream::unfold` without the dependency: the session's state lives
@@ -427,6 +450,21 @@ impl Session {
             }
             match self.step().await {
                 Ok(Some(event)) => {
+                    if let Some((attempts, before)) = self.resumed.take() {
+                        // The first event after a reconnect says how far the
+                        // stream moved on meanwhile.
+                        let first = match &event {
+                            Event::Block { seq, .. } | Event::Lost { seq } => Some(*seq),
+                            _ => None,
+                        };
+                        let missed = match (before, first) {
+                            (Some(before), Some(first)) => first.saturating_sub(before + 1),
+                            _ => 0,
+                        };
+                        self.lock().missed += missed;
+                        self.pending = Some(event);
+                        return Some(Ok(Event::Reconnected { attempts, missed }));
+                    }
                     if event == Event::End {
                         self.leave().await;
                         self.done = true;
@@ -575,31 +613,34 @@ impl Session {
             .unwrap_or(Err(ClientError::Timeout));
             match attempt {
                 Ok(link) => {
-                    let base = {
+                    let (base, before) = {
                         let mut st = self.lock();
                         st.conn = link.conn.clone();
+                        st.reconnects += 1;
+                        let before = st.receiver.highest_seq();
                         st.receiver
                             .restart(link.stream_id, link.sender_clock_us, link.at);
-                        let s = st.receiver.stats();
-                        // A stall still running goes on counting; the cap in
-                        // `report` keeps it within this connection's time.
-                        Report {
-                            blocks_delivered: s.blocks_delivered,
-                            blocks_recovered: s.blocks_recovered,
-                            blocks_lost: s.blocks_lost,
-                            shards_late: s.shards_late,
-                            shards_received: s.shards_received,
-                            shards_missing: s.shards_missing,
-                            stalls: s.stalls,
-                            stall_ms: s.stalled.as_millis() as u64,
-                            ..Report::default()
+                        let now = Instant::now();
+                        // Counters so far belong to the lost connection; the
+                        // report's interval figures start over here too.
+                        let mut base = st.receiver.report(now);
+                        let finished = st.receiver.stats().stalled.as_millis() as u64;
+                        if base.stall_ms > finished {
+                            // A stall still running (the outage itself) is
+                            // this connection's to report, from its start.
+                            base.stalls = base.stalls.saturating_sub(1);
+                            base.stall_ms = finished;
                         }
+                        (base, before)
                     };
                     self.base = base;
                     self.base_at = Instant::now();
+                    // Reconnected twice before any block: the gap starts
+                    // where the first outage did.
+                    let before = before.or(self.resumed.and_then(|(_, b)| b));
+                    self.resumed = Some((attempts, before));
                     self.next_report = tokio::time::Instant::now() + link.report_interval;
                     self.link = link;
-                    self.pending = Some(Event::Reconnected { attempts });
                     return Ok(());
                 }
                 Err(rejected @ ClientError::Rejected { .. }) => return Err(rejected),

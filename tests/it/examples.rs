@@ -146,6 +146,8 @@ fn file_through_server_and_client_examples_is_byte_identical() {
         "blocks_lost",
         "blocks_late",
         "bytes_delivered",
+        "reconnects",
+        "blocks_missed",
     ] {
         assert!(json[key].is_u64(), "stats json lacks {key}: {json}");
     }
@@ -156,6 +158,10 @@ fn file_through_server_and_client_examples_is_byte_identical() {
         );
     }
     assert_eq!(json["blocks_lost"], 0);
+    assert_eq!(
+        (&json["reconnects"], &json["blocks_missed"]),
+        (&0.into(), &0.into())
+    );
     assert_eq!(json["bytes_delivered"], data.len() as u64);
     for p in [input, output, stats] {
         let _ = std::fs::remove_file(p);
