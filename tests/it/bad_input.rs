@@ -1033,3 +1033,66 @@ async fn report_impossible_counters() {
     assert_eq!(stats.reports_impossible, 3);
     assert_eq!(stats.closed.get("protocol_violation"), Some(&3));
 }
+
+/// App events of control characters, as many as the rate limit allows from
+/// several viewers: each is logged in well under twice its size (not six
+/// times), and the log stays within its rotation bound on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_log_is_compact_and_bounded() {
+    const CAP: u64 = 64 * 1024;
+    const KEEP: usize = 2;
+    let dir = std::env::temp_dir().join(format!("quicast-it-log-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("events.jsonl");
+    let path = log.clone();
+    let scene = Scene::with(
+        move |c| {
+            c.event_log(Some(path)).event_log_rotation(CAP, KEEP);
+        },
+        |_| {},
+    )
+    .await;
+    let nasty: String = (0..256).map(|i| char::from((i % 32) as u8)).collect();
+    let event = frame(&ControlMessage::Event(quicast::wire::ClientEvent {
+        name: nasty.clone(),
+        value: nasty,
+    }));
+    let mut attackers = Vec::new();
+    for _ in 0..5 {
+        let (mut a, _) = Attacker::join(&scene.srv).await;
+        // 90 at once: inside the default burst of 100.
+        for _ in 0..90 {
+            a.write_raw(&event).await.expect("event");
+        }
+        attackers.push(a);
+    }
+    scene
+        .wait_for("events logged", |s| s.events_logged >= 5 * 90)
+        .await;
+    let stats = scene.finish().await;
+    let mut total = 0;
+    let mut longest = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        total += text.len() as u64;
+        longest = longest.max(text.lines().map(str::len).max().unwrap_or(0));
+    }
+    println!(
+        "{} events logged, {total} bytes on disk, longest line {longest} bytes",
+        stats.events_logged
+    );
+    assert!(
+        longest < 2 * 512 + 200,
+        "a 512-byte event became a {longest}-byte line"
+    );
+    assert!(
+        total <= CAP * (KEEP as u64 + 1),
+        "{total} bytes on disk, over {CAP} x {}",
+        KEEP + 1
+    );
+    assert!(dir.join("events.jsonl.1").exists(), "the log rotated");
+    assert!(!dir.join("events.jsonl.3").exists(), "only {KEEP} kept");
+    drop(attackers);
+    let _ = std::fs::remove_dir_all(&dir);
+}
