@@ -35,7 +35,7 @@ pub const DEFAULT_RETRY_ABOVE: usize = 64;
 /// admitted viewers (in the handshake or waiting for Hello).
 pub const DEFAULT_MAX_PER_SOURCE: usize = 32;
 /// Default limit on connections past the handshake that have not sent Hello.
-pub const DEFAULT_MAX_AWAITING_HELLO: usize = 128;
+pub const DEFAULT_MAX_AWAITING_HELLO: usize = 256;
 /// Default time a QUIC handshake may take.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Default time a viewer's control stream may take to accept one write.
@@ -385,7 +385,10 @@ impl ServerConfig {
     /// Default [`DEFAULT_MAX_AWAITING_HELLO`]. When a handshake completes with
     /// this budget taken, the connection waiting longest is closed with
     /// `hello_timeout` to make room: an honest client says Hello one round
-    /// trip after its handshake, so it is never the oldest for long.
+    /// trip after its handshake, so it is never the oldest for long: with
+    /// budget `B` and hello timeout `T`, silent connections made slower than
+    /// `B / T` per second (128/s by default) time out before any is evicted,
+    /// and faster ones still give every new connection `B / rate` seconds.
     pub fn max_awaiting_hello(&mut self, n: usize) -> &mut Self {
         self.max_awaiting_hello = n.max(1);
         self
