@@ -170,18 +170,20 @@ pub enum ServerError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
+    // The wrapped errors are in the message, not also `source()`: a report
+    // that walks the chain (`{:#}`) would print each reason twice.
     /// Creating the local endpoint failed.
     #[error("bind: {0}")]
-    Bind(#[source] std::io::Error),
+    Bind(std::io::Error),
     /// TLS setup failed.
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// The connection could not be started (bad address or server name).
     #[error("connect: {0}")]
-    Connect(#[from] quinn::ConnectError),
+    Connect(quinn::ConnectError),
     /// The connection failed or was closed.
     #[error("connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
+    Connection(quinn::ConnectionError),
     /// The server refused the subscription.
     #[error("rejected by server: {reason} [{code}]")]
     Rejected {
@@ -209,6 +211,18 @@ pub enum ClientError {
     Stream(String),
 }
 
+impl From<quinn::ConnectError> for ClientError {
+    fn from(e: quinn::ConnectError) -> Self {
+        ClientError::Connect(e)
+    }
+}
+
+impl From<quinn::ConnectionError> for ClientError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        ClientError::Connection(e)
+    }
+}
+
 impl ClientError {
     pub(crate) fn from_code(code: u64, reason: String, rejected: bool) -> Self {
         let code = CloseCode::from_code(code).unwrap_or(CloseCode::ProtocolViolation);
@@ -223,6 +237,15 @@ impl ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_errors_say_each_reason_once() {
+        let e = ClientError::from(quinn::ConnectionError::TimedOut);
+        let chain = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(chain, "connection: timed out");
+        let e = ClientError::Bind(std::io::Error::other("port in use"));
+        assert_eq!(format!("{:#}", anyhow::Error::from(e)), "bind: port in use");
+    }
 
     #[test]
     fn close_codes_round_trip_and_are_unique() {
