@@ -1018,12 +1018,11 @@ async fn serve(
             reason: "too many connections waiting for hello".into(),
         })
     };
-    let (send, recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
+    let (mut send, recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => return Err(evicted(&conn).unwrap_or(e.into())),
         Err(_) => return Err(close(&conn, CloseCode::HelloTimeout, "no control stream")),
     };
-    let mut send = send;
     let mut reader = FrameReader::new(recv, shared.config.max_control_frame);
     let hello = match tokio::time::timeout_at(deadline, reader.next()).await {
         Err(_) => return Err(close(&conn, CloseCode::HelloTimeout, "no hello")),
@@ -1163,15 +1162,15 @@ async fn serve(
         handed: 0,
         floor_set: None,
     };
-    let mut written = false;
+    let mut writer_done = false;
     let result = tokio::select! {
         r = pump(shared, &conn, ctl, &mut reader, &mut rx, &mut viewer) => r,
         w = &mut writer => {
-            written = true;
+            writer_done = true;
             Err(writer_end(shared, &conn, w))
         }
     };
-    if !written && conn.close_reason().is_none() {
+    if !writer_done && conn.close_reason().is_none() {
         // A Goodbye or EndOfStream may still be queued: let it leave, bounded.
         let _ = tokio::time::timeout(Duration::from_millis(500), &mut writer).await;
     }
