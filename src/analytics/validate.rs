@@ -44,7 +44,9 @@ pub enum Rejected {
     /// A cumulative counter is lower than in the previous accepted report.
     #[error("report counter `{0}` went backwards")]
     CounterDecreased(&'static str),
-    /// More blocks were rebuilt by FEC than were delivered at all.
+    /// More blocks were rebuilt by FEC than were delivered at all. A receiver counts a
+    /// rebuilt block before the blocks ahead of it are released, so an honest report can
+    /// show this for a moment; the server drops such a report but keeps the connection.
     #[error("blocks_recovered exceeds blocks_delivered")]
     RecoveredExceedsDelivered,
     /// A counter exceeds what was published to the viewer, or the time it has been
@@ -118,7 +120,7 @@ impl Validator {
 
     /// Like [`check`](Self::check), and also rejects, as [`Rejected::Impossible`], any report
     /// no real viewer can send given what the server published to it: blocks delivered plus
-    /// lost above the blocks offered, stalls above the blocks offered plus one (a stall ends
+    /// lost, or blocks recovered, above the blocks offered, stalls above the blocks offered plus one (a stall ends
     /// with a delivered block), shards received or late above the datagrams sent, shards
     /// missing above the shards offered, or stall time above the time connected (plus
     /// [`STALL_SLACK_MS`]). Such a report is a lie or a bug; the server closes the
@@ -141,6 +143,7 @@ impl Validator {
             return Err(Rejected::Impossible("blocks_delivered + blocks_lost"));
         }
         for (name, value, max) in [
+            ("blocks_recovered", r.blocks_recovered, l.blocks),
             ("stalls", r.stalls, l.blocks.saturating_add(1)),
             ("shards_received", r.shards_received, l.sent_shards),
             ("shards_late", r.shards_late, l.sent_shards),
@@ -262,7 +265,8 @@ mod tests {
         let mut v = Validator::new();
         assert_eq!(v.check_within(&honest, &limits), Ok(honest));
         type Lie = fn(&mut Report);
-        let cases: [(&str, Lie); 7] = [
+        let cases: [(&str, Lie); 8] = [
+            ("blocks_recovered", |r| r.blocks_recovered = 51),
             ("blocks_delivered + blocks_lost", |r| {
                 r.blocks_lost = (1 << 62) - 1
             }),
@@ -286,7 +290,7 @@ mod tests {
         }
         // The lies did not move the baseline.
         assert_eq!(v.check_within(&honest, &limits), Ok(honest));
-        assert_eq!((v.accepted(), v.rejected()), (2, 7));
+        assert_eq!((v.accepted(), v.rejected()), (2, 8));
     }
 
     #[test]

@@ -23,7 +23,9 @@ use super::{
     tls,
 };
 use crate::{
-    analytics::{Aggregator, Input, InputKind, Metric, MetricKind, Published, Snapshot, Validator},
+    analytics::{
+        Aggregator, Input, InputKind, Metric, MetricKind, Published, Rejected, Snapshot, Validator,
+    },
     config::ServerConfig,
     fec::{EncodedBlock, Encoder},
     session::{Sender, SenderConfig, SenderStats, TokenBucket},
@@ -160,8 +162,9 @@ pub struct ServerStats {
     pub datagrams_from_viewers: u64,
     /// Reports received.
     pub reports: u64,
-    /// Reports the validator refused (counters going backwards, values beyond
-    /// what was published); each closed its connection, see `reports_impossible`.
+    /// Reports the validator refused: the impossible ones (which closed their
+    /// connection, see `reports_impossible`), and reports claiming more blocks
+    /// rebuilt than delivered, which a receiver can send for a moment (dropped).
     pub reports_rejected: u64,
     /// Analytics events accepted into the queue.
     pub events_accepted: u64,
@@ -1492,6 +1495,13 @@ async fn pump(
                                 report,
                                 sent_shards,
                             })),
+                            // A real receiver counts a rebuilt block before the
+                            // blocks ahead of it are released, so this one can be
+                            // honest for a moment: dropped, not closed.
+                            Err(e @ Rejected::RecoveredExceedsDelivered) => {
+                                shared.counters.reports_rejected.fetch_add(1, Relaxed);
+                                debug!(error = %e, "report dropped");
+                            }
                             // No real viewer sends this: nothing of it may reach the figures.
                             Err(e) => {
                                 let c = &shared.counters;
