@@ -117,6 +117,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     }
                 }
                 Some(Ok(Event::End)) | None => break,
+                Some(Ok(Event::Reconnected { attempts, missed })) => {
+                    eprintln!("reconnected after {attempts} attempt(s); {missed} block(s) missed meanwhile");
+                }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     failure = Some(e);
@@ -145,11 +148,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             summary.viewer_qoe, summary.stream_qoe, summary.stream_viewers, summary.parity
         );
     }
-    common::print_report(&stats, started.elapsed(), None);
+    let outages = common::Outages {
+        reconnects: sub.reconnects(),
+        missed: sub.blocks_missed(),
+    };
+    common::print_report(&stats, started.elapsed(), None, outages);
     if let Some(path) = &args.stats_json {
         std::fs::write(
             path,
-            serde_json::to_vec_pretty(&common::stats_json(&stats))?,
+            serde_json::to_vec_pretty(&common::stats_json(&stats, outages))?,
         )?;
     }
     sub.close();

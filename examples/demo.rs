@@ -130,6 +130,10 @@ async fn main() -> anyhow::Result<()> {
         &stats,
         started.elapsed(),
         Some((sent.bytes_sent, sent.media_bytes)),
+        common::Outages {
+            reconnects: viewer.reconnects(),
+            missed: viewer.blocks_missed(),
+        },
     );
     if let Some(s) = viewer.summary() {
         eprintln!(

@@ -13,7 +13,8 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::Parser;
 use quicast::{
-    config::FecConfig, CongestionControl, Identity, Parity, Publisher, Server, ServerConfig,
+    config::FecConfig, net::Stopped, CongestionControl, Identity, Parity, Publisher, Server,
+    ServerConfig,
 };
 use tokio::io::AsyncReadExt;
 
@@ -131,15 +132,19 @@ async fn main() -> anyhow::Result<()> {
         publisher.wait_for_viewers(1).await;
     }
     let block_size = args.block_size.max(1);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    // SIGINT or SIGTERM stops gracefully; a second one exits at once.
+    let mut signals = quicast::net::Signals::new().context("signal handlers")?;
+    let mut signalled = None;
     let sent = match args.input.as_deref() {
         Some("-") => {
             let flush = Duration::from_secs_f64(args.flush_ms.max(0.0) / 1e3);
             let stdin = tokio::io::stdin();
             tokio::select! {
                 r = forward_pipe(stdin, &mut publisher, block_size, flush) => r?,
-                _ = &mut ctrl_c => publisher.next_seq(),
+                s = signals.recv() => {
+                    signalled = Some(s);
+                    publisher.next_seq()
+                }
             }
         }
         input => {
@@ -153,28 +158,59 @@ async fn main() -> anyhow::Result<()> {
             };
             tokio::select! {
                 r = paced(file.as_mut(), &mut publisher, block_size, args.bitrate) => r?,
-                _ = &mut ctrl_c => publisher.next_seq(),
+                s = signals.recv() => {
+                    signalled = Some(s);
+                    publisher.next_seq()
+                }
             }
         }
     };
     let viewers = publisher.viewers();
     publisher.finish();
-    eprintln!("input ended after {sent} blocks; {viewers} viewer(s) connected");
-    if args.exit_at_end {
-        // Viewers get EndOfStream after the last block, then leave; wait for
-        // them (bounded), then close.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while server.stats().viewers > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    } else {
-        let _ = tokio::signal::ctrl_c().await;
+    match signalled {
+        Some(s) => eprintln!("{s}: stopping after {sent} blocks; {viewers} viewer(s) connected"),
+        None => eprintln!("input ended after {sent} blocks; {viewers} viewer(s) connected"),
     }
-    server.shutdown(Duration::from_secs(2)).await;
+    if signalled.is_none() {
+        if args.exit_at_end {
+            // Viewers get EndOfStream after the last block, then leave; wait for
+            // them (bounded), then close.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while server.stats().viewers > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        } else {
+            signalled = Some(signals.recv().await);
+        }
+    }
+    // Goodbye to every viewer, every accepted event applied, logged and
+    // flushed; a (further) signal meanwhile exits at once.
+    let grace = Duration::from_secs(2);
+    let forced = match signalled {
+        Some(first) => match server
+            .shutdown_after_signal(&mut signals, first, grace)
+            .await
+        {
+            Stopped::Forced(s) => Some(s),
+            _ => None,
+        },
+        None => tokio::select! {
+            _ = server.shutdown(grace) => None,
+            s = signals.recv() => Some(s),
+        },
+    };
+    if let Some(s) = forced {
+        let stats = server.stats();
+        eprintln!(
+            "{s} again: exiting without finishing the shutdown; {} viewer events accepted, {} logged so far",
+            stats.events_accepted, stats.events_logged
+        );
+        std::process::exit(130);
+    }
     driver.abort();
     let stats = server.stats();
     eprintln!(
-        "sent {} datagrams ({:.2} MB), dropped at sender {}, expired {}, too large {}; repairs asked {}, answered {}, {} shards; congestion events {}; {} viewer events accepted, {} logged",
+        "sent {} datagrams ({:.2} MB), dropped at sender {}, expired {}, too large {}; repairs asked {}, answered {}, {} shards; congestion events {}; viewer events: {} accepted, {} dropped, {} applied, {} logged, {} not logged (write errors)",
         stats.datagrams_sent,
         stats.bytes_sent as f64 / 1e6,
         stats.datagrams_dropped,
@@ -185,7 +221,10 @@ async fn main() -> anyhow::Result<()> {
         stats.repair_shards,
         stats.congestion_events,
         stats.events_accepted,
+        stats.events_dropped,
+        stats.events_applied,
         stats.events_logged,
+        stats.events_log_errors,
     );
     Ok(())
 }

@@ -18,22 +18,47 @@ pub const DEFAULT_DATAGRAM_SEND_BUFFER: usize = 128 * 1024;
 /// Default absolute lower bound of the congestion window: none. The server's
 /// floor follows each stream's rate instead; see [`ServerConfig::min_window`].
 pub const DEFAULT_MIN_WINDOW: u64 = 0;
+/// Default size one event log file may reach before it is rotated: 64 MiB.
+pub const DEFAULT_EVENT_LOG_MAX_BYTES: u64 = 64 << 20;
+/// Default rotated event log files kept (`PATH.1` .. `PATH.3`).
+pub const DEFAULT_EVENT_LOG_KEEP: usize = 3;
 /// Default analytics queue, in events.
 pub const DEFAULT_ANALYTICS_QUEUE: usize = 4096;
-/// Default connection limit.
+/// Default limit on admitted viewers (connections past Hello).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default limit on connections still in the QUIC handshake.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
+/// Default number of handshakes in progress from which new, unvalidated
+/// addresses are sent a Retry first.
+pub const DEFAULT_RETRY_ABOVE: usize = 64;
+/// Default limit on connections one IP address may have that are not yet
+/// admitted viewers (in the handshake or waiting for Hello).
+pub const DEFAULT_MAX_PER_SOURCE: usize = 32;
+/// Default limit on connections past the handshake that have not sent Hello.
+pub const DEFAULT_MAX_AWAITING_HELLO: usize = 256;
+/// Default time a QUIC handshake may take.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default time a viewer's control stream may take to accept one write.
+pub const DEFAULT_CONTROL_DRAIN: Duration = Duration::from_secs(2);
 /// Default limit on published streams.
 pub const DEFAULT_MAX_STREAMS: usize = 64;
 /// Default blocks a viewer may fall behind the publisher before it skips ahead.
 pub const DEFAULT_VIEWER_QUEUE: usize = 64;
-/// Default time a new connection has to send Hello.
-pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time from the end of the handshake to a complete Hello.
+pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default interval of viewer reports.
 pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// Default QUIC idle timeout: how long a silent peer is considered alive.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default QUIC keep-alive interval.
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// Default QUIC idle timeout of a viewer: a server silent this long is dead.
+/// QUIC uses the smaller of the two sides' timeouts, so the server notices a
+/// dead viewer as fast.
+pub const DEFAULT_CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default QUIC keep-alive interval of a viewer: four per idle timeout, so a
+/// live but quiet path never times out from three lost keep-alives.
+pub const DEFAULT_CLIENT_KEEP_ALIVE: Duration = Duration::from_millis(500);
 /// Default control messages a viewer may send per second (sustained).
 pub const DEFAULT_CONTROL_RATE: u32 = 50;
 /// Default latency budget of a viewer: from a block's sender timestamp to delivery.
@@ -129,6 +154,12 @@ pub struct ServerConfig {
     pub(crate) min_window: u64,
     pub(crate) datagram_send_buffer: usize,
     pub(crate) max_connections: usize,
+    pub(crate) max_handshakes: usize,
+    pub(crate) retry_above: usize,
+    pub(crate) max_per_source: usize,
+    pub(crate) max_awaiting_hello: usize,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) control_drain: Duration,
     pub(crate) max_streams: usize,
     pub(crate) viewer_queue: usize,
     pub(crate) hello_timeout: Duration,
@@ -142,6 +173,8 @@ pub struct ServerConfig {
     pub(crate) policy: RedundancyPolicy,
     pub(crate) analytics_queue: usize,
     pub(crate) event_log: Option<PathBuf>,
+    pub(crate) event_log_max_bytes: u64,
+    pub(crate) event_log_keep: usize,
 }
 
 impl ServerConfig {
@@ -157,6 +190,12 @@ impl ServerConfig {
             min_window: DEFAULT_MIN_WINDOW,
             datagram_send_buffer: DEFAULT_DATAGRAM_SEND_BUFFER,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            retry_above: DEFAULT_RETRY_ABOVE,
+            max_per_source: DEFAULT_MAX_PER_SOURCE,
+            max_awaiting_hello: DEFAULT_MAX_AWAITING_HELLO,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            control_drain: DEFAULT_CONTROL_DRAIN,
             max_streams: DEFAULT_MAX_STREAMS,
             viewer_queue: DEFAULT_VIEWER_QUEUE,
             hello_timeout: DEFAULT_HELLO_TIMEOUT,
@@ -170,6 +209,8 @@ impl ServerConfig {
             policy: RedundancyPolicy::default(),
             analytics_queue: DEFAULT_ANALYTICS_QUEUE,
             event_log: None,
+            event_log_max_bytes: DEFAULT_EVENT_LOG_MAX_BYTES,
+            event_log_keep: DEFAULT_EVENT_LOG_KEEP,
         }
     }
 
@@ -202,6 +243,17 @@ impl ServerConfig {
     /// durable record. Default none. Flushed on [`Server::shutdown`](crate::Server::shutdown).
     pub fn event_log(&mut self, path: Option<PathBuf>) -> &mut Self {
         self.event_log = path;
+        self
+    }
+
+    /// Bounds the event log: a file that would grow past `max_bytes` is
+    /// renamed `PATH.1` (older ones move to `PATH.2` .. `PATH.keep`, the
+    /// oldest is deleted) and a new one started. Default
+    /// [`DEFAULT_EVENT_LOG_MAX_BYTES`] and [`DEFAULT_EVENT_LOG_KEEP`]: at most
+    /// 256 MiB on disk. `keep = 0` truncates in place.
+    pub fn event_log_rotation(&mut self, max_bytes: u64, keep: usize) -> &mut Self {
+        self.event_log_max_bytes = max_bytes.max(4096);
+        self.event_log_keep = keep;
         self
     }
 
@@ -286,11 +338,78 @@ impl ServerConfig {
         self
     }
 
-    /// Most simultaneous connections; more are refused at the handshake.
-    /// Default [`DEFAULT_MAX_CONNECTIONS`]. Each costs a task, buffers up to the
-    /// datagram send buffer and a control buffer of `max_control_frame`.
+    /// Most admitted viewers at once (connections past a good Hello). Default
+    /// [`DEFAULT_MAX_CONNECTIONS`]. A connection that completes its handshake
+    /// while these are taken is closed with `server_full` (0x6). Each viewer
+    /// costs a task, buffers up to the datagram send buffer and a control
+    /// buffer of `max_control_frame`. Connections not yet admitted have their
+    /// own budgets ([`max_handshakes`](Self::max_handshakes),
+    /// [`max_awaiting_hello`](Self::max_awaiting_hello)) and never take these slots.
     pub fn max_connections(&mut self, n: usize) -> &mut Self {
         self.max_connections = n.max(1);
+        self
+    }
+
+    /// Most connections in the QUIC handshake at once. Default
+    /// [`DEFAULT_MAX_HANDSHAKES`]. Beyond it new connection attempts are
+    /// refused by QUIC (`CONNECTION_REFUSED`) before any crypto is done. Each
+    /// costs quinn's connection state for at most
+    /// [`handshake_timeout`](Self::handshake_timeout).
+    pub fn max_handshakes(&mut self, n: usize) -> &mut Self {
+        self.max_handshakes = n.max(1);
+        self
+    }
+
+    /// From how many handshakes in progress a new attempt from an address
+    /// that has not proven it receives our packets is answered with a QUIC
+    /// Retry first. Default [`DEFAULT_RETRY_ABOVE`]; 0 always sends Retry,
+    /// `usize::MAX` never does. A Retry costs the server no state and an
+    /// honest client one round trip; Initials from spoofed or silent sources
+    /// then hold nothing.
+    pub fn retry_above(&mut self, n: usize) -> &mut Self {
+        self.retry_above = n;
+        self
+    }
+
+    /// Most connections one IP address may have that are not yet admitted
+    /// viewers (in the handshake or waiting for Hello). Default
+    /// [`DEFAULT_MAX_PER_SOURCE`]; beyond it new attempts from that address
+    /// are refused. Admitted viewers are not counted: many viewers behind one
+    /// NAT are fine, many silent handshakes are not.
+    pub fn max_per_source(&mut self, n: usize) -> &mut Self {
+        self.max_per_source = n.max(1);
+        self
+    }
+
+    /// Most connections past the handshake that have not yet sent Hello.
+    /// Default [`DEFAULT_MAX_AWAITING_HELLO`]. When a handshake completes with
+    /// this budget taken, the connection waiting longest is closed with
+    /// `hello_timeout` to make room: an honest client says Hello one round
+    /// trip after its handshake, so it is never the oldest for long: with
+    /// budget `B` and hello timeout `T`, silent connections made slower than
+    /// `B / T` per second (128/s by default) time out before any is evicted,
+    /// and faster ones still give every new connection `B / rate` seconds.
+    pub fn max_awaiting_hello(&mut self, n: usize) -> &mut Self {
+        self.max_awaiting_hello = n.max(1);
+        self
+    }
+
+    /// Time a QUIC handshake may take before the attempt is dropped. Default
+    /// [`DEFAULT_HANDSHAKE_TIMEOUT`]. Shorter frees handshake slots sooner;
+    /// too short fails clients on long or lossy paths.
+    pub fn handshake_timeout(&mut self, t: Duration) -> &mut Self {
+        self.handshake_timeout = t;
+        self
+    }
+
+    /// Time one write on a viewer's control stream may take. Default
+    /// [`DEFAULT_CONTROL_DRAIN`]. Control output (Welcome, Summary,
+    /// EndOfStream, Goodbye) goes through a queue of 16 messages per viewer,
+    /// written by its own writer, so media never waits for it; a viewer whose
+    /// stream accepts no write within this bound, or that lets the queue fill,
+    /// is closed with `control_stalled` and counted (`viewers_stalled`).
+    pub fn control_drain(&mut self, t: Duration) -> &mut Self {
+        self.control_drain = t.max(Duration::from_millis(10));
         self
     }
 
@@ -309,8 +428,11 @@ impl ServerConfig {
         self
     }
 
-    /// Time a new connection has to send Hello. Default [`DEFAULT_HELLO_TIMEOUT`].
-    /// Shorter frees the slots of idle handshakes sooner; too short fails slow clients.
+    /// Time from the end of the QUIC handshake to a complete Hello (opening
+    /// the control stream and sending Hello both count against it). Default
+    /// [`DEFAULT_HELLO_TIMEOUT`]. Beyond it the connection is closed with
+    /// `hello_timeout` and counted. Shorter frees the budget of silent
+    /// connections sooner; too short fails clients on slow paths.
     pub fn hello_timeout(&mut self, t: Duration) -> &mut Self {
         self.hello_timeout = t;
         self
@@ -399,8 +521,8 @@ impl ClientConfig {
             latency: DEFAULT_LATENCY,
             decoder: DecoderConfig::default(),
             congestion: CongestionControl::default(),
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            keep_alive: DEFAULT_KEEP_ALIVE,
+            idle_timeout: DEFAULT_CLIENT_IDLE_TIMEOUT,
+            keep_alive: DEFAULT_CLIENT_KEEP_ALIVE,
             handshake_timeout: Duration::from_secs(5),
             datagram_receive_buffer: 4 << 20,
             reconnect: Some(DEFAULT_RECONNECT),
@@ -414,7 +536,10 @@ impl ClientConfig {
     /// Attempts back off from 100 ms, doubling, to 2 s. A reconnected viewer
     /// resumes at the live edge: blocks it was still waiting for are counted
     /// lost, and [`Event::Reconnected`](crate::Event::Reconnected) marks the
-    /// gap. Rejections (wrong token, unknown stream) are never retried, nor is
+    /// gap with the blocks missed meanwhile (also
+    /// [`Subscription::reconnects`](crate::Subscription::reconnects) and
+    /// [`Subscription::blocks_missed`](crate::Subscription::blocks_missed)).
+    /// Rejections (wrong token, unknown stream) are never retried, nor is
     /// a failure of the first connection.
     pub fn reconnect(&mut self, window: Option<Duration>) -> &mut Self {
         self.reconnect = window;
@@ -474,13 +599,17 @@ impl ClientConfig {
     }
 
     /// QUIC idle timeout: how long a silent server is considered alive. Default
-    /// [`DEFAULT_IDLE_TIMEOUT`].
+    /// [`DEFAULT_CLIENT_IDLE_TIMEOUT`] (2 s): a live server sends media and
+    /// keep-alives far more often, so silence this long means it is gone, and
+    /// the viewer reconnects (see [`reconnect`](Self::reconnect)) instead of
+    /// waiting. Longer rides out longer blackouts on one connection.
     pub fn idle_timeout(&mut self, t: Duration) -> &mut Self {
         self.idle_timeout = t;
         self
     }
 
-    /// QUIC keep-alive interval. Default [`DEFAULT_KEEP_ALIVE`].
+    /// QUIC keep-alive interval. Default [`DEFAULT_CLIENT_KEEP_ALIVE`]; keep it
+    /// well under the idle timeout.
     pub fn keep_alive(&mut self, t: Duration) -> &mut Self {
         self.keep_alive = t;
         self

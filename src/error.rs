@@ -29,6 +29,9 @@ pub enum CloseCode {
     HelloTimeout,
     /// The path cannot carry datagrams of the configured shard size.
     DatagramsUnsupported,
+    /// The viewer's control stream did not take the server's messages in
+    /// time (it withheld flow-control credit).
+    ControlStalled,
 }
 
 impl CloseCode {
@@ -46,6 +49,7 @@ impl CloseCode {
             CloseCode::Shutdown => 0x8,
             CloseCode::HelloTimeout => 0x9,
             CloseCode::DatagramsUnsupported => 0xa,
+            CloseCode::ControlStalled => 0xb,
         }
     }
 
@@ -64,6 +68,7 @@ impl CloseCode {
             Shutdown,
             HelloTimeout,
             DatagramsUnsupported,
+            ControlStalled,
         ]
         .into_iter()
         .find(|c| c.code() == code)
@@ -88,6 +93,7 @@ impl CloseCode {
             CloseCode::Shutdown => "shutdown",
             CloseCode::HelloTimeout => "hello_timeout",
             CloseCode::DatagramsUnsupported => "datagrams_unsupported",
+            CloseCode::ControlStalled => "control_stalled",
         }
     }
 
@@ -164,18 +170,20 @@ pub enum ServerError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
+    // The wrapped errors are in the message, not also `source()`: a report
+    // that walks the chain (`{:#}`) would print each reason twice.
     /// Creating the local endpoint failed.
     #[error("bind: {0}")]
-    Bind(#[source] std::io::Error),
+    Bind(std::io::Error),
     /// TLS setup failed.
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// The connection could not be started (bad address or server name).
     #[error("connect: {0}")]
-    Connect(#[from] quinn::ConnectError),
+    Connect(quinn::ConnectError),
     /// The connection failed or was closed.
     #[error("connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
+    Connection(quinn::ConnectionError),
     /// The server refused the subscription.
     #[error("rejected by server: {reason} [{code}]")]
     Rejected {
@@ -203,6 +211,18 @@ pub enum ClientError {
     Stream(String),
 }
 
+impl From<quinn::ConnectError> for ClientError {
+    fn from(e: quinn::ConnectError) -> Self {
+        ClientError::Connect(e)
+    }
+}
+
+impl From<quinn::ConnectionError> for ClientError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        ClientError::Connection(e)
+    }
+}
+
 impl ClientError {
     pub(crate) fn from_code(code: u64, reason: String, rejected: bool) -> Self {
         let code = CloseCode::from_code(code).unwrap_or(CloseCode::ProtocolViolation);
@@ -219,6 +239,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn client_errors_say_each_reason_once() {
+        let e = ClientError::from(quinn::ConnectionError::TimedOut);
+        let chain = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(chain, "connection: timed out");
+        let e = ClientError::Bind(std::io::Error::other("port in use"));
+        assert_eq!(format!("{:#}", anyhow::Error::from(e)), "bind: port in use");
+    }
+
+    #[test]
     fn close_codes_round_trip_and_are_unique() {
         let mut seen = std::collections::HashSet::new();
         for code in 0..32 {
@@ -227,7 +256,7 @@ mod tests {
                 assert!(seen.insert(c.name()));
             }
         }
-        assert_eq!(seen.len(), 11);
+        assert_eq!(seen.len(), 12);
         assert_eq!(
             CloseCode::for_decode_error(&DecodeError::TooLong("control frame")),
             CloseCode::FrameTooLarge

@@ -65,9 +65,12 @@ impl ImpairArgs {
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, never into a log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -109,9 +112,23 @@ impl Synthetic {
 
 /// Prints the viewer's final report as a table on stderr.
 /// `wire` is (datagram bytes sent, media bytes published), when known.
-pub fn print_report(stats: &ReceiverStats, elapsed: Duration, wire: Option<(u64, u64)>) {
+/// Reconnects and the blocks published while disconnected that never arrived.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outages {
+    pub reconnects: u64,
+    pub missed: u64,
+}
+
+pub fn print_report(
+    stats: &ReceiverStats,
+    elapsed: Duration,
+    wire: Option<(u64, u64)>,
+    outages: Outages,
+) {
     let lat = stats.latency();
-    let total = stats.blocks_delivered + stats.blocks_lost;
+    // Missed blocks are part of the stream too: a percentage without them
+    // would call an outage 100% delivered.
+    let total = stats.blocks_delivered + stats.blocks_lost + outages.missed;
     let pct = |n: u64| {
         if total == 0 {
             0.0
@@ -136,6 +153,12 @@ pub fn print_report(stats: &ReceiverStats, elapsed: Duration, wire: Option<(u64,
         "  blocks lost           {:>10}  {:>7.3} %",
         stats.blocks_lost,
         pct(stats.blocks_lost)
+    );
+    eprintln!(
+        "  blocks missed         {:>10}  {:>7.3} %  (while disconnected; {} reconnect(s))",
+        outages.missed,
+        pct(outages.missed),
+        outages.reconnects
     );
     eprintln!("  blocks late           {:>10}", stats.blocks_late);
     eprintln!(
@@ -195,9 +218,11 @@ pub fn progress_line(
 }
 
 /// The viewer's final stats as JSON (the keys the docs promise).
-pub fn stats_json(stats: &ReceiverStats) -> serde_json::Value {
+pub fn stats_json(stats: &ReceiverStats, outages: Outages) -> serde_json::Value {
     let lat = stats.latency();
     serde_json::json!({
+        "reconnects": outages.reconnects,
+        "blocks_missed": outages.missed,
         "blocks_delivered": stats.blocks_delivered,
         "blocks_recovered": stats.blocks_recovered,
         "blocks_lost": stats.blocks_lost,

@@ -29,6 +29,7 @@ pub enum InputKind {
     /// The viewer was admitted (after `Hello` was accepted).
     Join {
         /// The viewer's free-form client agent.
+        #[serde(with = "crate::wire::compact")]
         agent: String,
     },
     /// A periodic report, already cleaned by a [`Validator`](super::Validator).
@@ -48,7 +49,9 @@ pub enum InputKind {
     App(ClientEvent),
     /// The viewer left: `Leave`, a closed connection, or a timeout.
     Leave {
-        /// Why, for the log (e.g. `bye`, `timeout`, `closed`).
+        /// Why, for the log (e.g. `bye`, `timeout`, `closed`); may quote
+        /// the viewer's own close reason.
+        #[serde(with = "crate::wire::compact")]
         reason: String,
     },
 }

@@ -65,5 +65,6 @@ pub use snapshot::{
     Windows,
 };
 pub use validate::{
-    Rejected, Validator, MAX_BITRATE_BPS, MAX_BUFFER_MS, MAX_LATENCY_US, MAX_STARTUP_MS,
+    Published, Rejected, Validator, MAX_BITRATE_BPS, MAX_BUFFER_MS, MAX_LATENCY_US, MAX_STARTUP_MS,
+    STALL_SLACK_MS,
 };

@@ -18,16 +18,41 @@ pub const MAX_BUFFER_MS: u64 = 600_000;
 /// Largest join time a report may carry: 600 s, in milliseconds.
 pub const MAX_STARTUP_MS: u64 = 600_000;
 
-/// Why a report was refused. The connection may stay open; the report is dropped and counted.
+/// Slack on [`Published::elapsed_ms`]: the viewer's clock starts a little before the server's
+/// (it starts before the handshake), so its stall time may run ahead of the server's by the
+/// handshake's round trips.
+pub const STALL_SLACK_MS: u64 = 2_000;
+
+/// What the server has given one viewer since it joined: the most any counter of a real
+/// viewer's report can be. See [`Validator::check_within`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Datagrams that left for this viewer (quinn's evictions excluded).
+    pub sent_shards: u64,
+    /// Blocks offered to this viewer: sent, or skipped because it fell behind.
+    pub blocks: u64,
+    /// Shards (data and parity) of the blocks offered: the most it can miss.
+    pub shards: u64,
+    /// Milliseconds since the viewer's connection began: the most it can have stalled.
+    pub elapsed_ms: u64,
+}
+
+/// Why a report was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Rejected {
     /// A cumulative counter is lower than in the previous accepted report.
     #[error("report counter `{0}` went backwards")]
     CounterDecreased(&'static str),
-    /// More blocks were rebuilt by FEC than were delivered at all.
+    /// More blocks were rebuilt by FEC than were delivered at all. A receiver counts a
+    /// rebuilt block before the blocks ahead of it are released, so an honest report can
+    /// show this for a moment; the server drops such a report but keeps the connection.
     #[error("blocks_recovered exceeds blocks_delivered")]
     RecoveredExceedsDelivered,
+    /// A counter exceeds what was published to the viewer, or the time it has been
+    /// connected (see [`Published`]).
+    #[error("report counter `{0}` exceeds what the server published (or the time connected)")]
+    Impossible(&'static str),
 }
 
 /// Checks one viewer's reports against each other; keep one per viewer connection.
@@ -91,6 +116,49 @@ impl Validator {
         self.accepted += 1;
         self.prev = r;
         Ok(r)
+    }
+
+    /// Like [`check`](Self::check), and also rejects, as [`Rejected::Impossible`], any report
+    /// no real viewer can send given what the server published to it: blocks delivered plus
+    /// lost, or blocks recovered, above the blocks offered, stalls above the blocks offered plus one (a stall ends
+    /// with a delivered block), shards received or late above the datagrams sent, shards
+    /// missing above the shards offered, or stall time above the time connected (plus
+    /// [`STALL_SLACK_MS`]). Such a report is a lie or a bug; the server closes the
+    /// connection, so nothing in it reaches the aggregator.
+    pub fn check_within(
+        &mut self,
+        report: &Report,
+        limits: &Published,
+    ) -> Result<Report, Rejected> {
+        if let Err(e) = Self::check_limits(report, limits) {
+            self.rejected += 1;
+            return Err(e);
+        }
+        self.check(report, limits.sent_shards)
+    }
+
+    fn check_limits(r: &Report, l: &Published) -> Result<(), Rejected> {
+        let outcomes = r.blocks_delivered.checked_add(r.blocks_lost);
+        if outcomes.is_none_or(|n| n > l.blocks) {
+            return Err(Rejected::Impossible("blocks_delivered + blocks_lost"));
+        }
+        for (name, value, max) in [
+            ("blocks_recovered", r.blocks_recovered, l.blocks),
+            ("stalls", r.stalls, l.blocks.saturating_add(1)),
+            ("shards_received", r.shards_received, l.sent_shards),
+            ("shards_late", r.shards_late, l.sent_shards),
+            ("shards_missing", r.shards_missing, l.shards),
+            (
+                "stall_ms",
+                r.stall_ms,
+                l.elapsed_ms.saturating_add(STALL_SLACK_MS),
+            ),
+        ] {
+            if value > max {
+                return Err(Rejected::Impossible(name));
+            }
+        }
+        Ok(())
     }
 
     fn check_counters(&self, r: &Report) -> Result<(), Rejected> {
@@ -174,6 +242,55 @@ mod tests {
         ok.stall_ms = 5;
         assert_eq!(v.check(&ok, 130), Ok(ok));
         assert_eq!((v.accepted(), v.rejected(), v.clamped()), (3, 3, 0));
+    }
+
+    #[test]
+    fn impossible_counters_are_rejected_and_possible_ones_pass() {
+        let limits = Published {
+            sent_shards: 1_000,
+            blocks: 50,
+            shards: 1_500,
+            elapsed_ms: 10_000,
+        };
+        let honest = Report {
+            blocks_delivered: 45,
+            blocks_lost: 5,
+            shards_received: 1_000,
+            shards_missing: 1_500,
+            shards_late: 3,
+            stalls: 51,
+            stall_ms: 12_000,
+            ..Report::default()
+        };
+        let mut v = Validator::new();
+        assert_eq!(v.check_within(&honest, &limits), Ok(honest));
+        type Lie = fn(&mut Report);
+        let cases: [(&str, Lie); 8] = [
+            ("blocks_recovered", |r| r.blocks_recovered = 51),
+            ("blocks_delivered + blocks_lost", |r| {
+                r.blocks_lost = (1 << 62) - 1
+            }),
+            ("blocks_delivered + blocks_lost", |r| {
+                r.blocks_delivered = u64::MAX
+            }),
+            ("stalls", |r| r.stalls = 52),
+            ("shards_received", |r| r.shards_received = 1_001),
+            ("shards_late", |r| r.shards_late = 1_001),
+            ("shards_missing", |r| r.shards_missing = 1_501),
+            ("stall_ms", |r| r.stall_ms = 10_000 + STALL_SLACK_MS + 1),
+        ];
+        for (name, lie) in cases {
+            let mut r = honest;
+            lie(&mut r);
+            assert_eq!(
+                v.check_within(&r, &limits),
+                Err(Rejected::Impossible(name)),
+                "{r:?}"
+            );
+        }
+        // The lies did not move the baseline.
+        assert_eq!(v.check_within(&honest, &limits), Ok(honest));
+        assert_eq!((v.accepted(), v.rejected()), (2, 8));
     }
 
     #[test]

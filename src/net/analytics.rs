@@ -49,7 +49,10 @@ pub(crate) struct Pipeline {
     pub(crate) aggregator: Arc<Mutex<Aggregator>>,
     pub(crate) accepted: AtomicU64,
     pub(crate) dropped: AtomicU64,
+    /// Lines written to the event log and flushed.
     pub(crate) logged: Arc<AtomicU64>,
+    /// Lines that could not be written (the event was applied, not logged).
+    pub(crate) log_errors: Arc<AtomicU64>,
     pub(crate) done: watch::Receiver<bool>,
 }
 
@@ -100,11 +103,21 @@ impl Pipeline {
     }
 }
 
+/// Where the event log goes and how big it may grow.
+#[derive(Debug, Clone)]
+pub(crate) struct LogConfig {
+    pub(crate) path: PathBuf,
+    /// Bytes one file may reach before it is rotated.
+    pub(crate) max_bytes: u64,
+    /// Rotated files kept (`path.1` newest .. `path.N` oldest).
+    pub(crate) keep: usize,
+}
+
 /// Creates the pipeline and the task future that drains it.
 pub(crate) fn pipeline(
     aggregator: Aggregator,
     capacity: usize,
-    log: Option<PathBuf>,
+    log: Option<LogConfig>,
 ) -> (
     Pipeline,
     impl std::future::Future<Output = ()> + Send + 'static,
@@ -113,7 +126,12 @@ pub(crate) fn pipeline(
     let (done_tx, done) = watch::channel(false);
     let aggregator = Arc::new(Mutex::new(aggregator));
     let logged = Arc::new(AtomicU64::new(0));
-    let task = drain(aggregator.clone(), rx, log, logged.clone(), done_tx);
+    let log_errors = Arc::new(AtomicU64::new(0));
+    let counts = LogCounts {
+        logged: logged.clone(),
+        errors: log_errors.clone(),
+    };
+    let task = drain(aggregator.clone(), rx, log, counts, done_tx);
     (
         Pipeline {
             tx,
@@ -121,38 +139,127 @@ pub(crate) fn pipeline(
             accepted: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             logged,
+            log_errors,
             done,
         },
         task,
     )
 }
 
-async fn open_log(path: &PathBuf) -> Option<tokio::io::BufWriter<tokio::fs::File>> {
-    match tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .await
-    {
-        Ok(f) => Some(tokio::io::BufWriter::new(f)),
-        Err(e) => {
-            warn!(path = %path.display(), error = %e, "cannot open event log; events are not logged");
-            None
+struct LogCounts {
+    logged: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+}
+
+/// The JSON-lines event log: each batch written and flushed before it
+/// counts as logged, one file capped at `max_bytes`, then rotated.
+struct LogWriter {
+    config: LogConfig,
+    file: Option<tokio::fs::File>,
+    /// Bytes in the current file.
+    size: u64,
+    /// Whether the last write failed (warn once per run of failures).
+    failing: bool,
+}
+
+impl LogWriter {
+    async fn open(config: LogConfig) -> LogWriter {
+        let mut w = LogWriter {
+            config,
+            file: None,
+            size: 0,
+            failing: false,
+        };
+        if let Err(e) = w.reopen(false).await {
+            w.failed(&e);
         }
+        w
+    }
+
+    async fn reopen(&mut self, truncate: bool) -> std::io::Result<()> {
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(!truncate)
+            .write(true)
+            .truncate(truncate)
+            .open(&self.config.path)
+            .await?;
+        self.size = file.metadata().await.map_or(0, |m| m.len());
+        self.file = Some(file);
+        Ok(())
+    }
+
+    fn failed(&mut self, e: &std::io::Error) {
+        if !std::mem::replace(&mut self.failing, true) {
+            warn!(path = %self.config.path.display(), error = %e, "event log write failed; events are applied but not logged (counted in events_log_errors)");
+        }
+    }
+
+    /// Writes `lines` and flushes them; `Ok` once they are in the file.
+    async fn write(&mut self, lines: &[u8]) -> std::io::Result<()> {
+        if self.size > 0 && self.size + lines.len() as u64 > self.config.max_bytes {
+            self.rotate().await?;
+        }
+        if self.file.is_none() {
+            // A log that could not be opened is tried again, once per batch.
+            self.reopen(false).await?;
+        }
+        let file = self.file.as_mut().expect("opened above");
+        let result = async {
+            file.write_all(lines).await?;
+            // tokio's File writes in the background; flush waits for it and
+            // reports its error.
+            file.flush().await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.size += lines.len() as u64;
+                if std::mem::replace(&mut self.failing, false) {
+                    warn!(path = %self.config.path.display(), "event log writable again");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Part of the batch may be in the file; start clean next time.
+                self.file = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// `path` → `path.1` → ... → `path.keep` (the oldest is replaced).
+    async fn rotate(&mut self) -> std::io::Result<()> {
+        self.file = None;
+        let path = &self.config.path;
+        let numbered = |i: usize| {
+            let mut p = path.clone().into_os_string();
+            p.push(format!(".{i}"));
+            PathBuf::from(p)
+        };
+        if self.config.keep == 0 {
+            return self.reopen(true).await;
+        }
+        for i in (1..self.config.keep).rev() {
+            let _ = tokio::fs::rename(numbered(i), numbered(i + 1)).await;
+        }
+        tokio::fs::rename(path, numbered(1)).await?;
+        self.reopen(true).await
     }
 }
 
 async fn drain(
     aggregator: Arc<Mutex<Aggregator>>,
     mut rx: mpsc::Receiver<Msg>,
-    log: Option<PathBuf>,
-    logged: Arc<AtomicU64>,
+    log: Option<LogConfig>,
+    counts: LogCounts,
     done: watch::Sender<bool>,
 ) {
-    let mut log = match &log {
-        Some(path) => open_log(path).await,
+    let mut log = match log {
+        Some(config) => Some(LogWriter::open(config).await),
         None => None,
     };
+    let mut pending_lines = 0u64;
     let epoch = Instant::now();
     let mut feedback: HashMap<u64, watch::Sender<Feedback>> = HashMap::new();
     let mut batch = Vec::with_capacity(256);
@@ -183,7 +290,9 @@ async fn drain(
                     };
                     if serde_json::to_writer(&mut lines, &record).is_ok() {
                         lines.push(b'\n');
-                        logged.fetch_add(1, Relaxed);
+                        pending_lines += 1;
+                    } else {
+                        counts.errors.fetch_add(1, Relaxed);
                     }
                 }
                 match input.kind {
@@ -210,9 +319,14 @@ async fn drain(
         }
         if let Some(w) = log.as_mut() {
             if !lines.is_empty() {
-                if let Err(e) = w.write_all(&lines).await {
-                    warn!(error = %e, "event log write failed");
-                }
+                let n = std::mem::take(&mut pending_lines);
+                match w.write(&lines).await {
+                    Ok(()) => counts.logged.fetch_add(n, Relaxed),
+                    Err(e) => {
+                        w.failed(&e);
+                        counts.errors.fetch_add(n, Relaxed)
+                    }
+                };
                 lines.clear();
             }
         }
@@ -221,8 +335,56 @@ async fn drain(
             rx.close();
         }
     }
-    if let Some(w) = log.as_mut() {
-        let _ = w.flush().await;
-    }
+    // Every batch was flushed as it was written: nothing is left to lose.
+    drop(log);
     done.send_replace(true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn log_rotates_at_its_cap_and_keeps_the_configured_files() {
+        let dir = std::env::temp_dir().join(format!("quicast-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("events.jsonl");
+        let mut w = LogWriter::open(LogConfig {
+            path: path.clone(),
+            max_bytes: 100,
+            keep: 2,
+        })
+        .await;
+        let line = [b'x'; 39];
+        for i in 0..20u8 {
+            let mut batch = line.to_vec();
+            batch.push(b'0' + i % 10);
+            w.write(&batch).await.unwrap();
+        }
+        let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let rotated = |i| dir.join(format!("events.jsonl.{i}"));
+        // 40-byte batches, 100-byte files: two batches per file.
+        assert_eq!(size(&path), 80);
+        assert_eq!(size(&rotated(1)), 80);
+        assert_eq!(size(&rotated(2)), 80);
+        assert!(!rotated(3).exists(), "only `keep` rotated files");
+        // The newest batch is in the current file.
+        let current = std::fs::read(&path).unwrap();
+        assert_eq!(current.last(), Some(&b'9'));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_failing_log_reports_every_write() {
+        let mut w = LogWriter::open(LogConfig {
+            path: "/dev/full".into(),
+            max_bytes: u64::MAX,
+            keep: 0,
+        })
+        .await;
+        for _ in 0..3 {
+            assert!(w.write(b"{}\n").await.is_err());
+        }
+    }
 }

@@ -19,7 +19,7 @@ use super::{
 use crate::{
     config::ClientConfig,
     session::{Event, Receiver, ReceiverConfig, ReceiverStats},
-    wire::{self, ClientEvent, ControlMessage, Summary},
+    wire::{self, ClientEvent, ControlMessage, Report, Summary},
     ClientError, CloseCode,
 };
 
@@ -106,6 +106,8 @@ impl Client {
             summary: None,
             conn: link.conn.clone(),
             closed: false,
+            reconnects: 0,
+            missed: 0,
         }));
         let (app_tx, app_rx) = mpsc::channel(64);
         let session = Session {
@@ -118,6 +120,9 @@ impl Client {
             pending: None,
             done: false,
             left: false,
+            base: Report::default(),
+            base_at: started,
+            resumed: None,
         };
         let events = Box::pin(futures_unfold(session));
         Ok(Subscription {
@@ -265,6 +270,10 @@ struct Status {
     conn: quinn::Connection,
     /// The app closed the subscription: do not reconnect.
     closed: bool,
+    /// Connections re-established after one was lost.
+    reconnects: u64,
+    /// Blocks published while disconnected that were never seen.
+    missed: u64,
 }
 
 /// A viewer's subscription: a `Stream` of [`Event`]s in sequence order.
@@ -302,6 +311,19 @@ impl Subscription {
     /// Receiver counters so far.
     pub fn stats(&self) -> ReceiverStats {
         self.lock().receiver.stats().clone()
+    }
+
+    /// Times the connection was lost and re-established.
+    pub fn reconnects(&self) -> u64 {
+        self.lock().reconnects
+    }
+
+    /// Blocks published while the viewer was disconnected that it never saw:
+    /// neither delivered nor counted in [`ReceiverStats::blocks_lost`]. A
+    /// report of delivered blocks is only whole with these added in. See
+    /// [`Event::Reconnected`].
+    pub fn blocks_missed(&self) -> u64 {
+        self.lock().missed
     }
 
     /// The latest analytics summary from the server.
@@ -364,6 +386,14 @@ struct Session {
     pending: Option<Event>,
     done: bool,
     left: bool,
+    /// The receiver's counters when the current connection began: a report
+    /// counts from here, since the server bounds each connection's reports
+    /// by what it sent on that connection.
+    base: Report,
+    base_at: Instant,
+    /// After a reconnect, until the first block: the attempts it took and
+    /// the highest sequence known before the outage.
+    resumed: Option<(u32, Option<u64>)>,
 }
 
 /// `futures::stream::unfold` without the dependency: the session's state lives
@@ -420,6 +450,21 @@ impl Session {
             }
             match self.step().await {
                 Ok(Some(event)) => {
+                    if let Some((attempts, before)) = self.resumed.take() {
+                        // The first event after a reconnect says how far the
+                        // stream moved on meanwhile.
+                        let first = match &event {
+                            Event::Block { seq, .. } | Event::Lost { seq } => Some(*seq),
+                            _ => None,
+                        };
+                        let missed = match (before, first) {
+                            (Some(before), Some(first)) => first.saturating_sub(before + 1),
+                            _ => 0,
+                        };
+                        self.lock().missed += missed;
+                        self.pending = Some(event);
+                        return Some(Ok(Event::Reconnected { attempts, missed }));
+                    }
                     if event == Event::End {
                         self.leave().await;
                         self.done = true;
@@ -496,7 +541,7 @@ impl Session {
             }
             _ = tokio::time::sleep_until(self.next_report) => {
                 self.next_report += self.link.report_interval;
-                let report = self.lock().receiver.report(Instant::now());
+                let report = self.report(Instant::now());
                 self.write(&ControlMessage::Report(report)).await?;
             }
             Some(ev) = self.app_rx.recv() => self.write(&ControlMessage::Event(ev)).await?,
@@ -512,6 +557,29 @@ impl Session {
             }
         }
         Ok(None)
+    }
+
+    /// The receiver's report, counted from the current connection's start.
+    /// Stall time is capped at the time since then: a stall that began before
+    /// a reconnect belongs to the connection that was lost.
+    fn report(&self, now: Instant) -> Report {
+        let mut r = self.lock().receiver.report(now);
+        let b = &self.base;
+        for (v, base) in [
+            (&mut r.blocks_delivered, b.blocks_delivered),
+            (&mut r.blocks_recovered, b.blocks_recovered),
+            (&mut r.blocks_lost, b.blocks_lost),
+            (&mut r.shards_late, b.shards_late),
+            (&mut r.shards_received, b.shards_received),
+            (&mut r.shards_missing, b.shards_missing),
+            (&mut r.stalls, b.stalls),
+            (&mut r.stall_ms, b.stall_ms),
+        ] {
+            *v = v.saturating_sub(base);
+        }
+        let since = now.saturating_duration_since(self.base_at).as_millis() as u64;
+        r.stall_ms = r.stall_ms.min(since);
+        r
     }
 
     async fn write(&mut self, msg: &ControlMessage) -> Result<(), ClientError> {
@@ -550,15 +618,34 @@ impl Session {
             .unwrap_or(Err(ClientError::Timeout));
             match attempt {
                 Ok(link) => {
-                    {
+                    let (base, before) = {
                         let mut st = self.lock();
                         st.conn = link.conn.clone();
+                        st.reconnects += 1;
+                        let before = st.receiver.highest_seq();
                         st.receiver
                             .restart(link.stream_id, link.sender_clock_us, link.at);
-                    }
+                        let now = Instant::now();
+                        // Counters so far belong to the lost connection; the
+                        // report's interval figures start over here too.
+                        let mut base = st.receiver.report(now);
+                        let finished = st.receiver.stats().stalled.as_millis() as u64;
+                        if base.stall_ms > finished {
+                            // A stall still running (the outage itself) is
+                            // this connection's to report, from its start.
+                            base.stalls = base.stalls.saturating_sub(1);
+                            base.stall_ms = finished;
+                        }
+                        (base, before)
+                    };
+                    self.base = base;
+                    self.base_at = Instant::now();
+                    // Reconnected twice before any block: the gap starts
+                    // where the first outage did.
+                    let before = before.or(self.resumed.and_then(|(_, b)| b));
+                    self.resumed = Some((attempts, before));
                     self.next_report = tokio::time::Instant::now() + link.report_interval;
                     self.link = link;
-                    self.pending = Some(Event::Reconnected { attempts });
                     return Ok(());
                 }
                 Err(rejected @ ClientError::Rejected { .. }) => return Err(rejected),
@@ -598,7 +685,7 @@ impl Session {
         if std::mem::replace(&mut self.left, true) {
             return;
         }
-        let report = self.lock().receiver.report(Instant::now());
+        let report = self.report(Instant::now());
         let send = &mut self.link.send;
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
             control::write(send, &ControlMessage::Report(report)).await?;

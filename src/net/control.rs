@@ -73,3 +73,54 @@ pub(crate) async fn write(
     msg.encode_frame(&mut buf);
     send.write_all(&buf).await
 }
+
+/// Control messages that may wait for a viewer's writer, at most. A viewer
+/// whose stream takes no bytes lets them pile up here; one more closes it.
+pub(crate) const QUEUE: usize = 16;
+
+/// Why a control writer stopped before its queue was closed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WriterError {
+    /// One write did not complete within the drain bound: the peer withholds
+    /// flow-control credit (or its path is dead).
+    #[error("control stream not drained within {0:?}")]
+    Stalled(std::time::Duration),
+    #[error("control stream: {0}")]
+    Write(#[from] quinn::WriteError),
+}
+
+/// Writes what `rx` yields to `send`, each write bounded by `drain`, until
+/// every sender is dropped; then finishes the stream and waits (briefly) for
+/// the peer to acknowledge it.
+///
+/// This is the only place a server-side control write waits on the peer, so
+/// a viewer that withholds credit stalls only this future, never its media
+/// pump: the pump queues with `try_send` and never awaits a write.
+///
+/// # Cancel safety
+///
+/// Not cancel safe: dropping it mid-write may leave half a frame on the
+/// stream, which is harmless only because the connection is closed then.
+pub(crate) async fn writer(
+    mut send: quinn::SendStream,
+    mut rx: tokio::sync::mpsc::Receiver<ControlMessage>,
+    drain: std::time::Duration,
+) -> Result<(), WriterError> {
+    let mut buf = Vec::with_capacity(256);
+    while let Some(msg) = rx.recv().await {
+        buf.clear();
+        msg.encode_frame(&mut buf);
+        // Whatever queued meanwhile goes in the same write.
+        while let Ok(msg) = rx.try_recv() {
+            msg.encode_frame(&mut buf);
+        }
+        match tokio::time::timeout(drain, send.write_all(&buf)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(WriterError::Stalled(drain)),
+        }
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(200), send.stopped()).await;
+    Ok(())
+}

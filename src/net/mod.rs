@@ -5,14 +5,17 @@
 //! nothing the application cannot stop: the [`Server::run`] future owns every
 //! connection task, and a [`Subscription`] does its work while it is polled.
 
+mod admission;
 mod analytics;
 mod cc;
 mod client;
 mod control;
 mod metrics;
 mod server;
+mod signal;
 pub mod tls;
 
 pub use client::{Client, Subscription};
 pub use metrics::serve_metrics;
 pub use server::{Publisher, Server, ServerStats};
+pub use signal::{Signal, Signals, Stopped};

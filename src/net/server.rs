@@ -13,16 +13,19 @@ use std::{
 
 use bytes::Bytes;
 use subtle::ConstantTimeEq;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, trace, warn};
 
 use super::{
+    admission::{self, Admission, Decision, Ticket},
     analytics::{pipeline, Feedback, Pipeline},
-    control::{self, FrameError, FrameReader},
+    control::{self, FrameError, FrameReader, WriterError},
     tls,
 };
 use crate::{
-    analytics::{Aggregator, Input, InputKind, Metric, MetricKind, Snapshot, Validator},
+    analytics::{
+        Aggregator, Input, InputKind, Metric, MetricKind, Published, Rejected, Snapshot, Validator,
+    },
     config::ServerConfig,
     fec::{EncodedBlock, Encoder},
     session::{Sender, SenderConfig, SenderStats, TokenBucket},
@@ -61,7 +64,43 @@ struct Counters {
     repair_datagrams_malformed: AtomicU64,
     congestion_events: AtomicU64,
     viewers_congested: AtomicU64,
+    retries_sent: AtomicU64,
+    refused_handshakes: AtomicU64,
+    refused_per_source: AtomicU64,
+    refused_server_full: AtomicU64,
+    hello_evicted: AtomicU64,
+    viewers_stalled: AtomicU64,
+    reports_impossible: AtomicU64,
+    /// Connections ended, by [`CLOSE_REASONS`] index.
+    closed: [AtomicU64; CLOSE_REASONS.len()],
 }
+
+/// Why connections end, as counted in `quicast_connections_closed_total`:
+/// the close codes (indexed by their value), then ends that carry none.
+const CLOSE_REASONS: [&str; 17] = [
+    CloseCode::Normal.name(),
+    CloseCode::ProtocolViolation.name(),
+    CloseCode::FrameTooLarge.name(),
+    CloseCode::UnsupportedVersion.name(),
+    CloseCode::Unauthorized.name(),
+    CloseCode::NoSuchStream.name(),
+    CloseCode::ServerFull.name(),
+    CloseCode::RateLimited.name(),
+    CloseCode::Shutdown.name(),
+    CloseCode::HelloTimeout.name(),
+    CloseCode::DatagramsUnsupported.name(),
+    CloseCode::ControlStalled.name(),
+    // The QUIC handshake did not finish in time.
+    "handshake_timeout",
+    // The QUIC handshake failed (TLS, version, or the peer gave up).
+    "handshake_failed",
+    // The viewer closed the connection (any code).
+    "peer_closed",
+    // Nothing heard from the viewer for the idle timeout.
+    "idle_timeout",
+    // Any other transport failure.
+    "lost",
+];
 
 /// A snapshot of the server's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -69,8 +108,34 @@ struct Counters {
 pub struct ServerStats {
     /// QUIC connections that completed the handshake.
     pub connections_accepted: u64,
-    /// Connection attempts refused at the connection limit.
+    /// Connection attempts refused, for any reason below.
     pub connections_refused: u64,
+    /// Attempts refused by QUIC because `max_handshakes` were in progress.
+    pub refused_handshakes: u64,
+    /// Attempts refused by QUIC because their address had `max_per_source`
+    /// connections not yet admitted.
+    pub refused_per_source: u64,
+    /// Connections closed with `server_full`: every viewer slot was taken.
+    pub refused_server_full: u64,
+    /// QUIC Retry packets sent to unvalidated addresses.
+    pub retries_sent: u64,
+    /// Connections waiting for Hello closed early to make room in the
+    /// `max_awaiting_hello` budget (also counted as `hello_timeout`).
+    pub hello_evicted: u64,
+    /// Viewers closed because their control stream did not drain.
+    pub viewers_stalled: u64,
+    /// Reports with values no real viewer can have (counters beyond what was
+    /// published to it, stalls longer than it has been connected, counters
+    /// going backwards); each closed its connection.
+    pub reports_impossible: u64,
+    /// Connections in the QUIC handshake now.
+    pub handshaking: u64,
+    /// Connections past the handshake that have not sent Hello yet.
+    pub awaiting_hello: u64,
+    /// Connections ended, by reason: the close code's name
+    /// ([`CloseCode::name`]), or `handshake_timeout`, `handshake_failed`,
+    /// `peer_closed`, `idle_timeout`, `lost`. Reasons never seen are absent.
+    pub closed: std::collections::BTreeMap<&'static str, u64>,
     /// Hellos answered with Reject (bad token, unknown stream, ...).
     pub viewers_rejected: u64,
     /// Viewers subscribed right now.
@@ -98,7 +163,9 @@ pub struct ServerStats {
     pub datagrams_from_viewers: u64,
     /// Reports received.
     pub reports: u64,
-    /// Reports the validator refused (counters going backwards, ...).
+    /// Reports the validator refused: the impossible ones (which closed their
+    /// connection, see `reports_impossible`), and reports claiming more blocks
+    /// rebuilt than delivered, which a receiver can send for a moment (dropped).
     pub reports_rejected: u64,
     /// Analytics events accepted into the queue.
     pub events_accepted: u64,
@@ -106,8 +173,12 @@ pub struct ServerStats {
     pub events_dropped: u64,
     /// Analytics events applied by the aggregator.
     pub events_applied: u64,
-    /// Lines written to the event log.
+    /// Events written to the event log and flushed (one line each).
     pub events_logged: u64,
+    /// Events the event log could not take (a write or flush failed, e.g. a
+    /// full disk): applied, not logged. With a log configured, accepted =
+    /// logged + log errors once the pipeline has drained.
+    pub events_log_errors: u64,
     /// Shards not sent because their block could no longer reach the viewer
     /// by its deadline (or the sender's queue was over its bound).
     pub shards_expired: u64,
@@ -162,6 +233,7 @@ struct Shared {
     next_viewer: AtomicU64,
     counters: Counters,
     connections: AtomicUsize,
+    admission: Arc<Admission>,
     shutdown: watch::Sender<bool>,
     analytics: Pipeline,
     /// The analytics task, until `run` takes it to drive it.
@@ -242,17 +314,31 @@ impl Server {
         let (analytics, task) = pipeline(
             Aggregator::new(analytics),
             config.analytics_queue,
-            config.event_log.clone(),
+            config
+                .event_log
+                .clone()
+                .map(|path| super::analytics::LogConfig {
+                    path,
+                    max_bytes: config.event_log_max_bytes,
+                    keep: config.event_log_keep,
+                }),
         );
         Ok(Server {
             endpoint,
             shared: Arc::new(Shared {
-                config,
                 policy,
                 floor,
                 streams: Mutex::new(HashMap::new()),
                 next_stream_id: AtomicU32::new(1),
                 next_viewer: AtomicU64::new(1),
+                admission: Admission::new(admission::Limits {
+                    max_handshakes: config.max_handshakes,
+                    retry_above: config.retry_above,
+                    max_per_source: config.max_per_source,
+                    max_awaiting_hello: config.max_awaiting_hello,
+                    max_viewers: config.max_connections,
+                }),
+                config,
                 counters: Counters::default(),
                 connections: AtomicUsize::new(0),
                 shutdown,
@@ -321,9 +407,25 @@ impl Server {
     /// Counters so far.
     pub fn stats(&self) -> ServerStats {
         let c = &self.shared.counters;
+        let (handshaking, awaiting_hello, _) = self.shared.admission.counts();
         ServerStats {
             connections_accepted: c.connections_accepted.load(Relaxed),
             connections_refused: c.connections_refused.load(Relaxed),
+            refused_handshakes: c.refused_handshakes.load(Relaxed),
+            refused_per_source: c.refused_per_source.load(Relaxed),
+            refused_server_full: c.refused_server_full.load(Relaxed),
+            retries_sent: c.retries_sent.load(Relaxed),
+            hello_evicted: c.hello_evicted.load(Relaxed),
+            viewers_stalled: c.viewers_stalled.load(Relaxed),
+            reports_impossible: c.reports_impossible.load(Relaxed),
+            handshaking: handshaking as u64,
+            awaiting_hello: awaiting_hello as u64,
+            closed: CLOSE_REASONS
+                .iter()
+                .zip(&c.closed)
+                .map(|(name, n)| (*name, n.load(Relaxed)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
             viewers_rejected: c.viewers_rejected.load(Relaxed),
             viewers: c.viewers.load(Relaxed),
             blocks_published: c.blocks_published.load(Relaxed),
@@ -351,6 +453,7 @@ impl Server {
             events_dropped: self.shared.analytics.dropped.load(Relaxed),
             events_applied: self.lock_aggregator().applied(),
             events_logged: self.shared.analytics.logged.load(Relaxed),
+            events_log_errors: self.shared.analytics.log_errors.load(Relaxed),
         }
     }
 
@@ -500,7 +603,80 @@ impl Server {
                 "Analytics events dropped (queue full).",
                 stats.events_dropped,
             ),
+            counter(
+                "quicast_events_logged_total",
+                "Analytics events written to the event log and flushed.",
+                stats.events_logged,
+            ),
+            counter(
+                "quicast_events_log_errors_total",
+                "Analytics events the event log could not take (write or flush failed).",
+                stats.events_log_errors,
+            ),
+            counter(
+                "quicast_retries_sent_total",
+                "QUIC Retry packets sent to unvalidated addresses.",
+                stats.retries_sent,
+            ),
+            counter(
+                "quicast_viewers_stalled_total",
+                "Viewers closed because their control stream did not drain.",
+                stats.viewers_stalled,
+            ),
+            counter(
+                "quicast_reports_impossible_total",
+                "Reports with impossible values (connection closed).",
+                stats.reports_impossible,
+            ),
         ];
+        let labelled = |name: &str, help: &str, kind, label: &str, value: &str, n: u64| Metric {
+            name: name.into(),
+            help: help.into(),
+            kind,
+            value: n as f64,
+            labels: vec![(label.into(), value.into())],
+        };
+        let mut extra = extra.to_vec();
+        for (reason, n) in [
+            ("handshake_budget", stats.refused_handshakes),
+            ("per_source", stats.refused_per_source),
+            ("server_full", stats.refused_server_full),
+        ] {
+            extra.push(labelled(
+                "quicast_connections_refused_by_total",
+                "Connection attempts refused, by budget.",
+                MetricKind::Counter,
+                "reason",
+                reason,
+                n,
+            ));
+        }
+        // Every reason, zeros included, so a rate() over any of them works
+        // from the first scrape.
+        for (i, reason) in CLOSE_REASONS.iter().enumerate() {
+            extra.push(labelled(
+                "quicast_connections_closed_total",
+                "Connections ended, by reason (close code name or transport outcome).",
+                MetricKind::Counter,
+                "reason",
+                reason,
+                self.shared.counters.closed[i].load(Relaxed),
+            ));
+        }
+        for (state, n) in [
+            ("handshaking", stats.handshaking),
+            ("awaiting_hello", stats.awaiting_hello),
+            ("viewer", stats.viewers),
+        ] {
+            extra.push(labelled(
+                "quicast_connections",
+                "Open connections by state.",
+                MetricKind::Gauge,
+                "state",
+                state,
+                n,
+            ));
+        }
         crate::analytics::render(&snapshot, &extra)
     }
 
@@ -528,17 +704,16 @@ impl Server {
                 tokio::select! {
                     incoming = endpoint.accept() => {
                         let Some(incoming) = incoming else { break };
-                        if shared.connections.load(Relaxed) >= shared.config.max_connections {
-                            shared.counters.connections_refused.fetch_add(1, Relaxed);
-                            debug!(remote = %incoming.remote_address(), "refused: connection limit");
-                            incoming.refuse();
+                        let Some((incoming, ticket)) = admit(&shared, incoming) else {
                             continue;
-                        }
+                        };
                         shared.connections.fetch_add(1, Relaxed);
                         let shared = shared.clone();
                         tasks.spawn(async move {
                             let remote = incoming.remote_address();
-                            if let Err(e) = serve(&shared, incoming).await {
+                            let result = serve(&shared, incoming, ticket).await;
+                            shared.counters.closed[close_reason(&result)].fetch_add(1, Relaxed);
+                            if let Err(e) = result {
                                 debug!(%remote, error = %e, "connection ended");
                             }
                             shared.connections.fetch_sub(1, Relaxed);
@@ -701,12 +876,77 @@ impl Drop for Publisher {
 /// Why a connection ended from the server's side.
 #[derive(Debug, thiserror::Error)]
 enum ConnEnd {
+    #[error("handshake timed out")]
+    HandshakeTimeout,
     #[error("handshake: {0}")]
-    Handshake(#[from] quinn::ConnectionError),
+    HandshakeFailed(quinn::ConnectionError),
+    #[error("connection: {0}")]
+    Lost(#[from] quinn::ConnectionError),
     #[error("closed: {code}: {reason}")]
     Closed { code: CloseCode, reason: String },
     #[error("write: {0}")]
     Write(#[from] quinn::WriteError),
+}
+
+/// The [`CLOSE_REASONS`] index of how a connection ended.
+fn close_reason(end: &Result<(), ConnEnd>) -> usize {
+    let other = |name: &str| {
+        CLOSE_REASONS
+            .iter()
+            .position(|r| *r == name)
+            .expect("listed")
+    };
+    let lost = |e: &quinn::ConnectionError| match e {
+        quinn::ConnectionError::ApplicationClosed(_)
+        | quinn::ConnectionError::ConnectionClosed(_)
+        | quinn::ConnectionError::Reset => other("peer_closed"),
+        quinn::ConnectionError::TimedOut => other("idle_timeout"),
+        _ => other("lost"),
+    };
+    match end {
+        Ok(()) => CloseCode::Normal.code() as usize,
+        Err(ConnEnd::Closed { code, .. }) => code.code() as usize,
+        Err(ConnEnd::HandshakeTimeout) => other("handshake_timeout"),
+        Err(ConnEnd::HandshakeFailed(_)) => other("handshake_failed"),
+        Err(ConnEnd::Lost(e)) => lost(e),
+        Err(ConnEnd::Write(quinn::WriteError::ConnectionLost(e))) => lost(e),
+        Err(ConnEnd::Write(_)) => other("lost"),
+    }
+}
+
+/// Runs a new attempt through the admission budgets: answers it with a Retry
+/// or a refusal (counted), or returns it with its ticket.
+fn admit(shared: &Shared, incoming: quinn::Incoming) -> Option<(quinn::Incoming, Ticket)> {
+    let remote = incoming.remote_address();
+    let c = &shared.counters;
+    let (decision, ticket) = shared
+        .admission
+        .incoming(remote.ip(), incoming.remote_address_validated());
+    match (decision, ticket) {
+        (Decision::Accept, Some(ticket)) => return Some((incoming, ticket)),
+        (Decision::Retry, _) => match incoming.retry() {
+            Ok(()) => {
+                c.retries_sent.fetch_add(1, Relaxed);
+                trace!(%remote, "retry");
+            }
+            // Only a validated address cannot be retried, and those are not.
+            Err(e) => e.into_incoming().ignore(),
+        },
+        (Decision::RefuseHandshakes, _) => {
+            c.connections_refused.fetch_add(1, Relaxed);
+            c.refused_handshakes.fetch_add(1, Relaxed);
+            trace!(%remote, "refused: handshake budget");
+            incoming.refuse();
+        }
+        (Decision::RefusePerSource, _) => {
+            c.connections_refused.fetch_add(1, Relaxed);
+            c.refused_per_source.fetch_add(1, Relaxed);
+            trace!(%remote, "refused: per-source budget");
+            incoming.refuse();
+        }
+        (Decision::Accept, None) => incoming.ignore(),
+    }
+    None
 }
 
 fn close(conn: &quinn::Connection, code: CloseCode, reason: impl Into<String>) -> ConnEnd {
@@ -754,21 +994,56 @@ fn token_ok(expected: &[&Bytes], given: &[u8]) -> bool {
         .into()
 }
 
-async fn serve(shared: &Shared, incoming: quinn::Incoming) -> Result<(), ConnEnd> {
-    let conn = incoming.await?;
+async fn serve(
+    shared: &Shared,
+    incoming: quinn::Incoming,
+    mut ticket: Ticket,
+) -> Result<(), ConnEnd> {
+    let began = Instant::now();
+    let connecting = incoming.accept().map_err(ConnEnd::HandshakeFailed)?;
+    // Dropping an unfinished handshake closes it and frees its place.
+    let conn = match tokio::time::timeout(shared.config.handshake_timeout, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Err(ConnEnd::HandshakeFailed(e)),
+        Err(_) => return Err(ConnEnd::HandshakeTimeout),
+    };
     shared.counters.connections_accepted.fetch_add(1, Relaxed);
-    let hello_timeout = shared.config.hello_timeout;
-    let (mut send, recv) = match tokio::time::timeout(hello_timeout, conn.accept_bi()).await {
+    match ticket.handshake_done(&conn) {
+        Err(admission::Full) => {
+            shared.counters.refused_server_full.fetch_add(1, Relaxed);
+            return Err(close(&conn, CloseCode::ServerFull, "server full"));
+        }
+        Ok(true) => {
+            shared.counters.hello_evicted.fetch_add(1, Relaxed);
+        }
+        Ok(false) => {}
+    }
+    // One hello timeout, from the end of the handshake to a complete Hello.
+    let deadline = tokio::time::Instant::now() + shared.config.hello_timeout;
+    // Closed by us while waiting: evicted from the Hello budget.
+    let evicted = |conn: &quinn::Connection| {
+        matches!(
+            conn.close_reason(),
+            Some(quinn::ConnectionError::LocallyClosed)
+        )
+        .then(|| ConnEnd::Closed {
+            code: CloseCode::HelloTimeout,
+            reason: "too many connections waiting for hello".into(),
+        })
+    };
+    let (mut send, recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
         Ok(Ok(pair)) => pair,
-        Ok(Err(e)) => return Err(e.into()),
+        Ok(Err(e)) => return Err(evicted(&conn).unwrap_or(e.into())),
         Err(_) => return Err(close(&conn, CloseCode::HelloTimeout, "no control stream")),
     };
     let mut reader = FrameReader::new(recv, shared.config.max_control_frame);
-    let hello = match tokio::time::timeout(hello_timeout, reader.next()).await {
+    let hello = match tokio::time::timeout_at(deadline, reader.next()).await {
         Err(_) => return Err(close(&conn, CloseCode::HelloTimeout, "no hello")),
         Ok(Ok(Some(msg))) => msg,
         Ok(Ok(None)) => return Err(close(&conn, CloseCode::ProtocolViolation, "no hello")),
-        Ok(Err(e)) => return Err(frame_error(shared, &conn, e)),
+        Ok(Err(e)) => {
+            return Err(evicted(&conn).unwrap_or_else(|| frame_error(shared, &conn, e)));
+        }
     };
     let ControlMessage::Hello {
         version,
@@ -849,15 +1124,26 @@ async fn serve(shared: &Shared, incoming: quinn::Incoming) -> Result<(), ConnEnd
             "path datagram size below shard size; oversized shards will be counted and dropped"
         );
     }
-    control::write(
-        &mut send,
-        &ControlMessage::Welcome {
-            stream_id,
-            clock_us: epoch.elapsed().as_micros() as u64,
-            report_interval_ms: shared.config.report_interval.as_millis() as u64,
-        },
-    )
-    .await?;
+    if ticket.admit().is_err() {
+        shared.counters.refused_server_full.fetch_add(1, Relaxed);
+        return Err(reject(
+            shared,
+            &conn,
+            &mut send,
+            CloseCode::ServerFull,
+            "server full",
+        )
+        .await);
+    }
+    // From here on control output goes through the queue and its writer.
+    let (ctl, ctl_rx) = mpsc::channel(control::QUEUE);
+    let _ = ctl.try_send(ControlMessage::Welcome {
+        stream_id,
+        clock_us: epoch.elapsed().as_micros() as u64,
+        report_interval_ms: shared.config.report_interval.as_millis() as u64,
+    });
+    let writer = control::writer(send, ctl_rx, shared.config.control_drain);
+    tokio::pin!(writer);
     info!(remote = %conn.remote_address(), stream, agent, "viewer joined");
     let viewer = shared.next_viewer.fetch_add(1, Relaxed);
     let (feedback_tx, feedback) = watch::channel(Feedback::default());
@@ -882,12 +1168,29 @@ async fn serve(shared: &Shared, incoming: quinn::Incoming) -> Result<(), ConnEnd
         stream: stream.clone(),
         feedback,
         validator: Validator::new(),
+        began,
+        offered: Offered::default(),
         sender: Sender::new(sender, conn.rtt()),
         congested: false,
         handed: 0,
         floor_set: None,
     };
-    let result = pump(shared, &conn, &mut send, &mut reader, &mut rx, &mut viewer).await;
+    let mut writer_done = false;
+    let result = tokio::select! {
+        r = pump(shared, &conn, ctl, &mut reader, &mut rx, &mut viewer) => r,
+        w = &mut writer => {
+            writer_done = true;
+            Err(writer_end(shared, &conn, w))
+        }
+    };
+    if !writer_done && conn.close_reason().is_none() {
+        // A Goodbye or EndOfStream may still be queued: let it leave, bounded.
+        let _ = tokio::time::timeout(Duration::from_millis(500), &mut writer).await;
+    }
+    if let Err(ConnEnd::Closed { code, reason }) = &result {
+        // The pump leaves the close to us when a message had to go first.
+        conn.close(code.varint(), reason.as_bytes());
+    }
     // Whatever quinn took but never put on the wire was dropped at the sender.
     let framed = conn.stats().frame_tx.datagram;
     shared
@@ -901,8 +1204,7 @@ async fn serve(shared: &Shared, incoming: quinn::Incoming) -> Result<(), ConnEnd
     shared.counters.viewers.fetch_sub(1, Relaxed);
     let reason = match &result {
         Err(ConnEnd::Closed { code, .. }) => code.name().to_string(),
-        Err(ConnEnd::Handshake(e)) => format!("connection: {e}"),
-        Err(ConnEnd::Write(e)) => format!("write: {e}"),
+        Err(e) => e.to_string(),
         Ok(()) => "closed".into(),
     };
     shared
@@ -919,6 +1221,10 @@ struct Viewer {
     stream: String,
     feedback: watch::Receiver<Feedback>,
     validator: Validator,
+    /// When its connection attempt arrived.
+    began: Instant,
+    /// What its reports are bounded by.
+    offered: Offered,
     /// What goes to this viewer, and when.
     sender: Sender,
     /// Whether `viewers_congested` counts this viewer.
@@ -929,7 +1235,26 @@ struct Viewer {
     floor_set: Option<Instant>,
 }
 
+/// What one viewer was offered since it joined.
+#[derive(Debug, Default)]
+struct Offered {
+    blocks: u64,
+    shards: u64,
+    /// Most shards of one block, to bound what a skipped block could add.
+    max_block_shards: u64,
+}
+
 impl Viewer {
+    /// The most a real viewer's report can count now.
+    fn published(&self, sent_shards: u64, now: Instant) -> Published {
+        Published {
+            sent_shards,
+            blocks: self.offered.blocks,
+            shards: self.offered.shards,
+            elapsed_ms: now.saturating_duration_since(self.began).as_millis() as u64,
+        }
+    }
+
     fn input(&self, kind: InputKind) -> Input {
         Input {
             viewer: self.id,
@@ -941,10 +1266,54 @@ impl Viewer {
 
 fn frame_error(shared: &Shared, conn: &quinn::Connection, e: FrameError) -> ConnEnd {
     match e {
+        // The viewer went away (or closed): no violation of ours to report.
+        FrameError::Read(quinn::ReadError::ConnectionLost(e)) => ConnEnd::Lost(e),
         FrameError::Read(e) => close(conn, CloseCode::ProtocolViolation, e.to_string()),
         FrameError::Decode(e) => {
             shared.counters.control_errors.fetch_add(1, Relaxed);
             close(conn, CloseCode::for_decode_error(&e), e.to_string())
+        }
+    }
+}
+
+/// How the control writer's end ends the connection.
+fn writer_end(shared: &Shared, conn: &quinn::Connection, end: Result<(), WriterError>) -> ConnEnd {
+    match end {
+        Err(WriterError::Stalled(bound)) => {
+            shared.counters.viewers_stalled.fetch_add(1, Relaxed);
+            close(
+                conn,
+                CloseCode::ControlStalled,
+                format!("control stream not drained within {} ms", bound.as_millis()),
+            )
+        }
+        Err(WriterError::Write(e)) => ConnEnd::Write(e),
+        // Only the pump can close the queue, and it has returned by then.
+        Ok(()) => close(conn, CloseCode::Normal, "closed"),
+    }
+}
+
+/// Queues a control message for the viewer's writer, never waiting: a full
+/// queue means the viewer has not taken [`control::QUEUE`] messages, and it
+/// is closed (counted).
+fn queue(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    ctl: &mpsc::Sender<ControlMessage>,
+    msg: ControlMessage,
+) -> Result<(), ConnEnd> {
+    match ctl.try_send(msg) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            shared.counters.viewers_stalled.fetch_add(1, Relaxed);
+            Err(close(
+                conn,
+                CloseCode::ControlStalled,
+                format!("{} control messages not drained", control::QUEUE),
+            ))
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(close(conn, CloseCode::Normal, "control stream closed"))
         }
     }
 }
@@ -1060,7 +1429,7 @@ fn add_sender_stats(shared: &Shared, before: SenderStats, after: SenderStats) {
 async fn pump(
     shared: &Shared,
     conn: &quinn::Connection,
-    send: &mut quinn::SendStream,
+    ctl: mpsc::Sender<ControlMessage>,
     reader: &mut FrameReader,
     rx: &mut broadcast::Receiver<Item>,
     viewer: &mut Viewer,
@@ -1091,6 +1460,11 @@ async fn pump(
                     trace!(target: "quicast::cc", seq = block.seq(), path = ?conn.stats().path, space = conn.datagram_send_buffer_space(), "block");
                     let now = Instant::now();
                     let wire = block.wire_bytes(usize::MAX) as u64;
+                    let shards = block.datagrams().len() as u64;
+                    let offered = &mut viewer.offered;
+                    offered.blocks += 1;
+                    offered.shards += shards;
+                    offered.max_block_shards = offered.max_block_shards.max(shards);
                     viewer.sender.push_block(now, block, at);
                     if viewer.floor_set.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
                         viewer.floor_set = Some(now);
@@ -1100,11 +1474,14 @@ async fn pump(
                     }
                 }
                 Ok(Item::End { last_seq }) => {
-                    control::write(send, &ControlMessage::EndOfStream { last_seq }).await?;
+                    queue(shared, conn, &ctl, ControlMessage::EndOfStream { last_seq })?;
                     linger = Some(tokio::time::Instant::now() + END_LINGER);
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     shared.counters.blocks_skipped.fetch_add(n, Relaxed);
+                    let offered = &mut viewer.offered;
+                    offered.blocks += n;
+                    offered.shards += n.saturating_mul(offered.max_block_shards.max(1));
                     debug!(skipped = n, "viewer fell behind; skipping to newer blocks");
                 }
                 Err(broadcast::error::RecvError::Closed) => {
@@ -1127,14 +1504,31 @@ async fn pump(
                         shared.counters.reports.fetch_add(1, Relaxed);
                         // Datagrams that left: quinn's evictions never count as path loss.
                         let sent_shards = conn.stats().frame_tx.datagram;
-                        match viewer.validator.check(&report, sent_shards) {
+                        let limits = viewer.published(sent_shards, Instant::now());
+                        match viewer.validator.check_within(&report, &limits) {
                             Ok(report) => shared.analytics.offer(viewer.input(InputKind::Report {
                                 report,
                                 sent_shards,
                             })),
-                            Err(e) => {
+                            // A real receiver counts a rebuilt block before the
+                            // blocks ahead of it are released, so this one can be
+                            // honest for a moment: dropped, not closed.
+                            Err(e @ Rejected::RecoveredExceedsDelivered) => {
                                 shared.counters.reports_rejected.fetch_add(1, Relaxed);
-                                debug!(error = %e, "report rejected");
+                                debug!(error = %e, "report dropped");
+                            }
+                            // No real viewer sends this: nothing of it may reach the figures.
+                            Err(e) => {
+                                let c = &shared.counters;
+                                c.reports_rejected.fetch_add(1, Relaxed);
+                                c.reports_impossible.fetch_add(1, Relaxed);
+                                c.control_errors.fetch_add(1, Relaxed);
+                                debug!(error = %e, ?limits, "impossible report");
+                                return Err(close(
+                                    conn,
+                                    CloseCode::ProtocolViolation,
+                                    format!("impossible report: {e}"),
+                                ));
                             }
                         }
                     }
@@ -1161,7 +1555,7 @@ async fn pump(
                 // it at the floor), whatever the loss the congestion caused.
                 viewer.sender.set_loss(loss);
                 if let Some(summary) = summary {
-                    control::write(send, &ControlMessage::Summary(summary)).await?;
+                    queue(shared, conn, &ctl, ControlMessage::Summary(summary))?;
                 }
             }
             dg = conn.read_datagram() => match dg {
@@ -1176,10 +1570,13 @@ async fn pump(
                     code: CloseCode::Shutdown.code(),
                     reason: "server shutting down".into(),
                 };
-                let _ = tokio::time::timeout(Duration::from_millis(500), control::write(send, &bye)).await;
-                let _ = send.finish();
-                let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
-                return Err(close(conn, CloseCode::Shutdown, "server shutting down"));
+                // The writer sends it and finishes the stream; the caller
+                // closes once it has (bounded).
+                let _ = ctl.try_send(bye);
+                return Err(ConnEnd::Closed {
+                    code: CloseCode::Shutdown,
+                    reason: "server shutting down".into(),
+                });
             }
             _ = linger_sleep => return Err(close(conn, CloseCode::Normal, "end of stream")),
         }

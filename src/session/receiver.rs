@@ -52,6 +52,11 @@ pub enum Event {
     Reconnected {
         /// Connection attempts it took.
         attempts: u32,
+        /// Blocks published while the viewer was away, which it never saw
+        /// (neither delivered nor lost): the gap between the last block known
+        /// before the outage and the first one after. 0 when unknown, as
+        /// after a server restart, whose sequence starts again.
+        missed: u64,
     },
 }
 
@@ -455,6 +460,12 @@ impl Receiver {
         self.asks.clear();
         self.outgoing.clear();
         self.set_clock(sender_us, at);
+    }
+
+    /// The highest sequence number seen in any datagram since the last
+    /// (re)start; every block up to it is delivered, lost, or still pending.
+    pub fn highest_seq(&self) -> Option<u64> {
+        self.highest_seq
     }
 
     /// Marks when the viewer started joining (before the handshake), so the

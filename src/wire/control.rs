@@ -79,8 +79,10 @@ pub struct Summary {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClientEvent {
     /// What happened, e.g. `pause`.
+    #[serde(with = "super::compact")]
     pub name: String,
     /// Optional detail, e.g. a rendition name.
+    #[serde(with = "super::compact")]
     pub value: String,
 }
 

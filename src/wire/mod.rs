@@ -6,6 +6,7 @@
 //! and returns a typed [`DecodeError`]; nothing here panics on input from the
 //! network. The byte-by-byte description is in `PROTOCOL.md`.
 
+pub mod compact;
 mod control;
 mod header;
 mod repair;

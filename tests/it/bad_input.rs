@@ -182,6 +182,14 @@ impl Attacker {
     /// Completes the QUIC handshake and opens the control stream (which the
     /// server sees only once something is written to it). Nothing is sent.
     async fn connect(srv: &TestServer) -> Attacker {
+        Self::connect_tuned(srv, |_| {}).await
+    }
+
+    /// [`connect`](Self::connect) with the transport config changed by `tweak`.
+    async fn connect_tuned(
+        srv: &TestServer,
+        tweak: impl FnOnce(&mut quinn::TransportConfig),
+    ) -> Attacker {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(srv.cert.clone()).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -195,6 +203,7 @@ impl Attacker {
         transport
             .datagram_receive_buffer_size(Some(1 << 20))
             .max_idle_timeout(Some(STEP.try_into().unwrap()));
+        tweak(&mut transport);
         let mut config =
             quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
         config.transport_config(Arc::new(transport));
@@ -855,4 +864,239 @@ async fn token_hides_which_streams_exist() {
         "an authorized viewer learns the stream is missing: {err:?}"
     );
     srv.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Limits: viewers that stall, connections that stay silent, a full server.
+
+/// A viewer that never grants control-stream credit (a 64-byte stream window,
+/// never read) while asking for Summaries: its control writer stalls, and it
+/// is closed within the drain bound and counted; media to the good viewer is
+/// untouched, and the stuck viewer's slot is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_credit_withheld() {
+    const DRAIN: Duration = Duration::from_millis(500);
+    let scene = Scene::with(
+        |c| {
+            c.control_drain(DRAIN)
+                .report_interval(Duration::from_millis(100));
+        },
+        |_| {},
+    )
+    .await;
+    let mut a = Attacker::connect_tuned(&scene.srv, |t| {
+        t.stream_receive_window(64u32.into());
+    })
+    .await;
+    a.hello().await;
+    scene
+        .wait_for("attacker admitted", |s| s.viewers == 2)
+        .await;
+    // Honest-looking reports, each answered with a Summary it never reads;
+    // slowly enough that the drain bound, not the queue of 16, closes it.
+    let conn = a.conn.clone();
+    let reports = async {
+        for _ in 0..40 {
+            let _ = a
+                .write_raw(&frame(&ControlMessage::Report(Report::default())))
+                .await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    let started = Instant::now();
+    tokio::select! {
+        _ = reports => panic!("stuck viewer was never closed"),
+        _ = conn.closed() => {}
+    }
+    let took = started.elapsed();
+    println!("stuck viewer closed after {took:?}");
+    a.expect_close(
+        CloseCode::ControlStalled,
+        &["control", "drained within 500 ms"],
+    )
+    .await;
+    // Summaries start after the first report; the window fills within two;
+    // then one drain bound. Generous for a loaded machine, far below forever.
+    assert!(took < DRAIN + Duration::from_secs(3), "took {took:?}");
+    scene.wait_for("slot given back", |s| s.viewers == 1).await;
+    let stats = scene.finish().await;
+    assert_eq!(stats.viewers_stalled, 1);
+    assert_eq!(stats.closed.get("control_stalled"), Some(&1));
+}
+
+/// The hello timeout runs once, from the end of the handshake: opening the
+/// control stream late does not start it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_timeout_runs_once() {
+    const HELLO: Duration = Duration::from_secs(1);
+    let scene = Scene::with(
+        |c| {
+            c.hello_timeout(HELLO);
+        },
+        |_| {},
+    )
+    .await;
+    let mut a = Attacker::connect(&scene.srv).await;
+    let connected = Instant::now();
+    tokio::time::sleep(HELLO * 7 / 10).await;
+    // Half a frame: the stream is open, the Hello never completes.
+    a.write_raw(&[5]).await.expect("write");
+    a.expect_close(CloseCode::HelloTimeout, &["hello"]).await;
+    let took = connected.elapsed();
+    println!("closed {took:?} after the handshake (hello timeout {HELLO:?})");
+    assert!(
+        took < HELLO + HELLO * 4 / 10,
+        "closed after {took:?}: the timeout restarted when the stream opened"
+    );
+    let stats = scene.finish().await;
+    assert_eq!(stats.closed.get("hello_timeout"), Some(&1));
+}
+
+/// With every viewer slot taken, a new viewer is told `server_full` in the
+/// documented code, once, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_full_is_answered_with_its_code() {
+    let scene = Scene::with(
+        |c| {
+            c.max_connections(1);
+        },
+        |_| {},
+    )
+    .await;
+    let err = within(
+        "second viewer refused",
+        scene.srv.viewer(scene.srv.client_config(STREAM), 0.0, 0),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Rejected {
+                code: CloseCode::ServerFull,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let text = format!("{:#}", anyhow::Error::from(err));
+    assert_eq!(text.matches("server full").count(), 1, "{text}");
+    scene
+        .wait_for("close counted", |s| s.refused_server_full == 1)
+        .await;
+    let metrics = scene.srv.server.metrics_text();
+    for line in [
+        "quicast_connections_closed_total{reason=\"server_full\"} 1",
+        "quicast_connections_refused_by_total{reason=\"server_full\"} 1",
+        "quicast_connections{state=\"viewer\"} 1",
+        "quicast_connections{state=\"awaiting_hello\"} 0",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
+    }
+    let stats = scene.finish().await;
+    assert_eq!(stats.refused_server_full, 1);
+    assert_eq!(stats.closed.get("server_full"), Some(&1));
+}
+
+/// A report with counters no real viewer can have (more blocks lost than
+/// were ever published to it, stalls longer than it has been connected)
+/// closes that connection as a protocol violation, is counted, and leaves the
+/// stream's figures as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_impossible_counters() {
+    let scene = Scene::start().await;
+    type Lie = fn(&mut Report);
+    let lies: [(&str, Lie); 3] = [
+        ("blocks_lost", |r| r.blocks_lost = (1 << 62) - 1),
+        ("stalls", |r| r.stalls = 1 << 40),
+        ("stall_ms", |r| r.stall_ms = (1 << 62) - 1),
+    ];
+    for (i, (name, lie)) in lies.into_iter().enumerate() {
+        let (mut a, _) = Attacker::join(&scene.srv).await;
+        // An honest report first: the lie is not about counters going backwards.
+        a.write_raw(&frame(&ControlMessage::Report(Report::default())))
+            .await
+            .expect("report");
+        let mut r = Report::default();
+        lie(&mut r);
+        let _ = a.write_raw(&frame(&ControlMessage::Report(r))).await;
+        a.expect_close(CloseCode::ProtocolViolation, &["impossible", "report"])
+            .await;
+        scene
+            .wait_for(name, |s| s.reports_impossible == i as u64 + 1)
+            .await;
+    }
+    // Let the aggregator apply whatever was queued, then read the figures.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let live = scene.srv.server.analytics().streams[STREAM].clone();
+    assert_eq!(live.blocks_lost, 0, "{live:?}");
+    assert_eq!(live.stalls, 0, "{live:?}");
+    assert!(live.stall_seconds < 1.0, "{live:?}");
+    assert!(live.loss_after_fec < 0.01, "{live:?}");
+    let stats = scene.finish().await;
+    assert_eq!(stats.reports_impossible, 3);
+    assert_eq!(stats.closed.get("protocol_violation"), Some(&3));
+}
+
+/// App events of control characters, as many as the rate limit allows from
+/// several viewers: each is logged in well under twice its size (not six
+/// times), and the log stays within its rotation bound on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_log_is_compact_and_bounded() {
+    const CAP: u64 = 64 * 1024;
+    const KEEP: usize = 2;
+    let dir = std::env::temp_dir().join(format!("quicast-it-log-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("events.jsonl");
+    let path = log.clone();
+    let scene = Scene::with(
+        move |c| {
+            c.event_log(Some(path)).event_log_rotation(CAP, KEEP);
+        },
+        |_| {},
+    )
+    .await;
+    let nasty: String = (0..256).map(|i| char::from((i % 32) as u8)).collect();
+    let event = frame(&ControlMessage::Event(quicast::wire::ClientEvent {
+        name: nasty.clone(),
+        value: nasty,
+    }));
+    let mut attackers = Vec::new();
+    for _ in 0..5 {
+        let (mut a, _) = Attacker::join(&scene.srv).await;
+        // 90 at once: inside the default burst of 100.
+        for _ in 0..90 {
+            a.write_raw(&event).await.expect("event");
+        }
+        attackers.push(a);
+    }
+    scene
+        .wait_for("events logged", |s| s.events_logged >= 5 * 90)
+        .await;
+    let stats = scene.finish().await;
+    let mut total = 0;
+    let mut longest = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        total += text.len() as u64;
+        longest = longest.max(text.lines().map(str::len).max().unwrap_or(0));
+    }
+    println!(
+        "{} events logged, {total} bytes on disk, longest line {longest} bytes",
+        stats.events_logged
+    );
+    assert!(
+        longest < 2 * 512 + 200,
+        "a 512-byte event became a {longest}-byte line"
+    );
+    assert!(
+        total <= CAP * (KEEP as u64 + 1),
+        "{total} bytes on disk, over {CAP} x {}",
+        KEEP + 1
+    );
+    assert!(dir.join("events.jsonl.1").exists(), "the log rotated");
+    assert!(!dir.join("events.jsonl.3").exists(), "only {KEEP} kept");
+    drop(attackers);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -43,6 +43,12 @@ impl Drop for Guard {
 
 /// Starts the server example and waits until it listens.
 fn start_server(args: &[&str]) -> (Guard, String) {
+    let (guard, addr, _) = start_server_lines(args);
+    (guard, addr)
+}
+
+/// [`start_server`], and the server's stderr lines from then on.
+fn start_server_lines(args: &[&str]) -> (Guard, String, std::sync::mpsc::Receiver<String>) {
     let port = free_udp_port();
     let addr = format!("127.0.0.1:{port}");
     let mut child = Command::new(example("server"))
@@ -69,7 +75,7 @@ fn start_server(args: &[&str]) -> (Guard, String) {
             Err(_) => panic!("server example did not start"),
         }
     }
-    (Guard(child), addr)
+    (Guard(child), addr, rx)
 }
 
 fn wait(mut guard: Guard, limit: Duration) -> std::process::ExitStatus {
@@ -140,6 +146,8 @@ fn file_through_server_and_client_examples_is_byte_identical() {
         "blocks_lost",
         "blocks_late",
         "bytes_delivered",
+        "reconnects",
+        "blocks_missed",
     ] {
         assert!(json[key].is_u64(), "stats json lacks {key}: {json}");
     }
@@ -150,6 +158,10 @@ fn file_through_server_and_client_examples_is_byte_identical() {
         );
     }
     assert_eq!(json["blocks_lost"], 0);
+    assert_eq!(
+        (&json["reconnects"], &json["blocks_missed"]),
+        (&0.into(), &0.into())
+    );
     assert_eq!(json["bytes_delivered"], data.len() as u64);
     for p in [input, output, stats] {
         let _ = std::fs::remove_file(p);
@@ -208,4 +220,98 @@ fn client_example_with_a_wrong_token_fails_and_the_right_one_is_served() {
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&good).unwrap()).unwrap();
     assert!(json["blocks_delivered"].as_u64().unwrap() > 10, "{json}");
     let _ = std::fs::remove_file(good);
+}
+
+/// The server example's exit line: `viewer events: A accepted, D dropped,
+/// P applied, L logged, E not logged (write errors)`, as numbers by word.
+fn event_counts(lines: &std::sync::mpsc::Receiver<String>) -> Option<[(String, u64); 5]> {
+    let line = lines
+        .recv_timeout(Duration::from_secs(15))
+        .into_iter()
+        .chain(std::iter::from_fn(|| {
+            lines.recv_timeout(Duration::from_secs(15)).ok()
+        }))
+        .find(|l| l.contains("viewer events:"))?;
+    let tail = line.split("viewer events:").nth(1)?;
+    let mut counts = tail.split(',').map(|part| {
+        let mut words = part.split_whitespace();
+        let n = words.next()?.parse().ok()?;
+        Some((words.next()?.to_string(), n))
+    });
+    Some([
+        counts.next()??,
+        counts.next()??,
+        counts.next()??,
+        counts.next()??,
+        counts.next()??,
+    ])
+}
+
+fn signal(guard: &Guard, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &guard.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+/// A viewer (the client example) watching for `secs` seconds.
+fn watch(addr: &str, secs: &str) -> Guard {
+    Guard(
+        Command::new(example("client"))
+            .args(["--server", addr, "--latency", "1000", "--duration", secs])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn client example"),
+    )
+}
+
+/// SIGTERM in the middle of a run stops the server gracefully: every
+/// accepted event is applied and written, the viewer's leave included, and
+/// the exit line says so.
+#[test]
+fn sigterm_mid_run_logs_every_accepted_event() {
+    let log = temp("sigterm-events.jsonl");
+    let _ = std::fs::remove_file(&log);
+    let (server, addr, lines) = start_server_lines(&["--events", log.to_str().unwrap()]);
+    let _viewer = watch(&addr, "30");
+    std::thread::sleep(Duration::from_secs(3));
+    signal(&server, "TERM");
+    let status = wait(server, Duration::from_secs(15));
+    let counts = event_counts(&lines).expect("the server printed its exit line");
+    println!("{counts:?}");
+    assert!(status.success(), "server exited with {status}");
+    let [(_, accepted), (_, dropped), (_, applied), (_, logged), (_, errors)] = counts;
+    let written = std::fs::read_to_string(&log).unwrap();
+    assert!(accepted >= 3, "a join and reports at least: {counts:?}");
+    assert_eq!((dropped, errors), (0, 0), "{counts:?}");
+    assert_eq!(accepted, applied, "{counts:?}");
+    assert_eq!(applied, logged, "{counts:?}");
+    assert_eq!(written.lines().count() as u64, logged, "lines in the file");
+    assert!(
+        written.lines().last().unwrap().contains("\"leave\""),
+        "the viewer's leave is the last record: {:?}",
+        written.lines().last()
+    );
+    let _ = std::fs::remove_file(log);
+}
+
+/// A log that cannot be written (a full disk) is counted, and the exit line
+/// tells the truth: nothing logged, every accepted event a write error.
+#[test]
+fn full_disk_is_counted_and_reported() {
+    let (server, addr, lines) = start_server_lines(&["--events", "/dev/full"]);
+    let _viewer = watch(&addr, "30");
+    std::thread::sleep(Duration::from_secs(3));
+    signal(&server, "INT");
+    let status = wait(server, Duration::from_secs(15));
+    let counts = event_counts(&lines).expect("the server printed its exit line");
+    println!("{counts:?}");
+    assert!(status.success(), "server exited with {status}");
+    let [(_, accepted), _, (_, applied), (_, logged), (_, errors)] = counts;
+    assert!(accepted >= 3, "{counts:?}");
+    assert_eq!(applied, accepted, "{counts:?}");
+    assert_eq!(logged, 0, "{counts:?}");
+    assert_eq!(errors, accepted, "{counts:?}");
 }
