@@ -261,7 +261,7 @@ impl RedundancyPolicy {
     /// margins start at zero and grow one shard at a time where a shard buys
     /// the most residual, until the residual meets
     /// [`target_residual`](Self::target_residual) (each `e(d) <= 6`; deficits
-    /// above [`PLANNED_DEFICITS`] count as lost). The plan is the `m` of least
+    /// above 16 count as lost). The plan is the `m` of least
     /// expected `cost`, shards per group, the proactive ones plus the expected
     /// repair traffic. So the residual target applies to the result after
     /// repair, the proactive parity is what repair cannot clean up in time,
