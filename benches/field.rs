@@ -55,6 +55,9 @@
 //! `target/field-bench/logs/`. All sockets are on 127.0.0.1; every child is killed
 //! when its run ends, also on error or panic.
 
+mod common;
+
+use common::median;
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -716,20 +719,6 @@ enum Media {
     Up,
     /// Upstream to client side (quicast's server sends).
     Down,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| !x.is_nan());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// The runs of one system, path and setting, over seeds.

@@ -26,6 +26,9 @@
 //! Writes a Markdown table to stdout, `target/loss-bench/results.csv` (one row
 //! per run and budget) and `target/loss-bench/latency.svg`.
 
+mod common;
+
+use common::median;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -335,19 +338,6 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     }
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Progress markers, with `LOSS_BENCH_DEBUG` set.

@@ -636,46 +636,53 @@ impl Server {
             value: n as f64,
             labels: vec![(label.into(), value.into())],
         };
-        let mut extra = extra.to_vec();
-        for (reason, n) in [
+        let refused = [
             ("handshake_budget", stats.refused_handshakes),
             ("per_source", stats.refused_per_source),
             ("server_full", stats.refused_server_full),
-        ] {
-            extra.push(labelled(
+        ];
+        // Every reason, zeros included, so a rate() over any of them works
+        // from the first scrape.
+        let closed: Vec<(&str, u64)> = CLOSE_REASONS
+            .iter()
+            .zip(&self.shared.counters.closed)
+            .map(|(reason, n)| (*reason, n.load(Relaxed)))
+            .collect();
+        let open = [
+            ("handshaking", stats.handshaking),
+            ("awaiting_hello", stats.awaiting_hello),
+            ("viewer", stats.viewers),
+        ];
+        // (name, help, kind, label, labelled values)
+        type Family<'a> = (&'a str, &'a str, MetricKind, &'a str, &'a [(&'a str, u64)]);
+        let families: [Family; 3] = [
+            (
                 "quicast_connections_refused_by_total",
                 "Connection attempts refused, by budget.",
                 MetricKind::Counter,
                 "reason",
-                reason,
-                n,
-            ));
-        }
-        // Every reason, zeros included, so a rate() over any of them works
-        // from the first scrape.
-        for (i, reason) in CLOSE_REASONS.iter().enumerate() {
-            extra.push(labelled(
+                &refused,
+            ),
+            (
                 "quicast_connections_closed_total",
                 "Connections ended, by reason (close code name or transport outcome).",
                 MetricKind::Counter,
                 "reason",
-                reason,
-                self.shared.counters.closed[i].load(Relaxed),
-            ));
-        }
-        for (state, n) in [
-            ("handshaking", stats.handshaking),
-            ("awaiting_hello", stats.awaiting_hello),
-            ("viewer", stats.viewers),
-        ] {
-            extra.push(labelled(
+                &closed,
+            ),
+            (
                 "quicast_connections",
                 "Open connections by state.",
                 MetricKind::Gauge,
                 "state",
-                state,
-                n,
-            ));
+                &open,
+            ),
+        ];
+        let mut extra = extra.to_vec();
+        for (name, help, kind, label, values) in families {
+            for &(value, n) in values {
+                extra.push(labelled(name, help, kind, label, value, n));
+            }
         }
         crate::analytics::render(&snapshot, &extra)
     }
