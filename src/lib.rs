@@ -82,6 +82,12 @@ pub use error::{ClientError, CloseCode, ServerError, TlsError};
 pub use net::{Client, Publisher, Server, ServerStats, Subscription};
 pub use session::{Event, ReceiverStats};
 
+// The README's Rust blocks (the Library example) compiled as doc tests, so
+// the code a user pastes is the code that builds.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 #[cfg(test)]
 pub(crate) mod testing {
     /// Seed for a randomized test: `QUICAST_SEED` when set (to replay a failure),
