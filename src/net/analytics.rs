@@ -221,11 +221,39 @@ impl LogWriter {
         }
     }
 
-    /// Writes `lines` and flushes them; `Ok` once they are in the file.
-    async fn write(&mut self, lines: &[u8]) -> std::io::Result<()> {
-        if self.size > 0 && self.size + lines.len() as u64 > self.config.max_bytes {
-            self.rotate().await?;
+    /// Writes `lines` (whole lines, each ending in `\n`) and flushes them;
+    /// `Ok` once they are in the file.
+    ///
+    /// A batch is split at line ends so that no file grows past its cap: a
+    /// batch can be far larger than the cap when many events arrive while a
+    /// write is in flight. Only a single line longer than the cap makes a
+    /// file larger, alone in it.
+    async fn write(&mut self, mut lines: &[u8]) -> std::io::Result<()> {
+        while !lines.is_empty() {
+            let room = self.config.max_bytes.saturating_sub(self.size);
+            let window = &lines[..lines.len().min(usize::try_from(room).unwrap_or(usize::MAX))];
+            let mut take = window
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            if take == 0 {
+                if self.size > 0 {
+                    self.rotate().await?;
+                    continue;
+                }
+                take = lines
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(lines.len(), |i| i + 1);
+            }
+            let (chunk, rest) = lines.split_at(take);
+            self.write_chunk(chunk).await?;
+            lines = rest;
         }
+        Ok(())
+    }
+
+    async fn write_chunk(&mut self, lines: &[u8]) -> std::io::Result<()> {
         if self.file.is_none() {
             // A log that could not be opened is tried again, once per batch.
             self.reopen(false).await?;
@@ -418,10 +446,11 @@ mod tests {
             keep: 2,
         })
         .await;
-        let line = [b'x'; 39];
+        let line = [b'x'; 38];
         for i in 0..20u8 {
             let mut batch = line.to_vec();
             batch.push(b'0' + i % 10);
+            batch.push(b'\n');
             w.write(&batch).await.unwrap();
         }
         let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
@@ -433,7 +462,45 @@ mod tests {
         assert!(!rotated(3).exists(), "only `keep` rotated files");
         // The newest batch is in the current file.
         let current = std::fs::read(&path).unwrap();
-        assert_eq!(current.last(), Some(&b'9'));
+        assert_eq!(current.last(), Some(&b'\n'));
+        assert_eq!(current[current.len() - 2], b'9');
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_batch_larger_than_the_cap_is_split_at_line_ends() {
+        let dir = std::env::temp_dir().join(format!("quicast-split-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("events.jsonl");
+        let mut w = LogWriter::open(LogConfig {
+            path: path.clone(),
+            max_bytes: 100,
+            keep: 3,
+        })
+        .await;
+        // Seven 30-byte lines in one batch: three fit a 100-byte file.
+        let batch: Vec<u8> = (0..7u8)
+            .flat_map(|i| {
+                let mut l = vec![b'a' + i; 29];
+                l.push(b'\n');
+                l
+            })
+            .collect();
+        w.write(&batch).await.unwrap();
+        let read = |p: &std::path::Path| std::fs::read(p).unwrap_or_default();
+        let rotated = |i| dir.join(format!("events.jsonl.{i}"));
+        assert_eq!(read(&rotated(2)).len(), 90);
+        assert_eq!(read(&rotated(1)).len(), 90);
+        assert_eq!(read(&path), [vec![b'g'; 29], vec![b'\n']].concat());
+        // Nothing lost or repeated, in order.
+        let all = [read(&rotated(2)), read(&rotated(1)), read(&path)].concat();
+        assert_eq!(all, batch);
+        // A line longer than the cap goes alone into a file of its own.
+        let mut long = vec![b'z'; 150];
+        long.push(b'\n');
+        w.write(&long).await.unwrap();
+        assert_eq!(read(&path), long);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

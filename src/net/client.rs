@@ -101,6 +101,7 @@ impl Client {
         let mut receiver = Receiver::new(rc);
         receiver.start(started);
         receiver.set_clock(link.sender_clock_us, link.at);
+        receiver.set_rtt(link.conn.rtt());
         let shared = Arc::new(Mutex::new(Status {
             receiver,
             summary: None,
@@ -123,6 +124,7 @@ impl Client {
             base: Report::default(),
             base_at: started,
             resumed: None,
+            rtt_at: Instant::now(),
         };
         let events = Box::pin(futures_unfold(session));
         Ok(Subscription {
@@ -394,7 +396,15 @@ struct Session {
     /// After a reconnect, until the first block: the attempts it took and
     /// the highest sequence known before the outage.
     resumed: Option<(u32, Option<u64>)>,
+    /// When the receiver's RTT was last refreshed from quinn's estimate.
+    rtt_at: Instant,
 }
+
+/// How often the receiver's RTT follows quinn's estimate while datagrams
+/// keep coming. The timer alone is not enough: on a steady stream a datagram
+/// always arrives before the next deadline, so the timer arm may never win,
+/// and the receiver would judge repairs on a stale (or, before this, no) RTT.
+const RTT_REFRESH: Duration = Duration::from_millis(20);
 
 /// `futures::stream::unfold` without the dependency: the session's state lives
 /// in one boxed future between polls, so an in-flight write is never torn.
@@ -517,9 +527,17 @@ impl Session {
         tokio::select! {
             dg = link.conn.read_datagram() => {
                 let dg = dg.map_err(map_close)?;
-                // The RTT is refreshed on the timer, which is where requests
-                // fall due; not per datagram.
-                self.lock().receiver.handle_datagram(Instant::now(), dg);
+                let now = Instant::now();
+                let rtt = (now.saturating_duration_since(self.rtt_at) >= RTT_REFRESH)
+                    .then(|| link.conn.rtt());
+                if rtt.is_some() {
+                    self.rtt_at = now;
+                }
+                let mut st = self.lock();
+                if let Some(rtt) = rtt {
+                    st.receiver.set_rtt(rtt);
+                }
+                st.receiver.handle_datagram(now, dg);
             }
             msg = link.reader.next() => match msg {
                 Ok(Some(msg)) => self.handle_control(msg)?,
@@ -625,6 +643,7 @@ impl Session {
                         let before = st.receiver.highest_seq();
                         st.receiver
                             .restart(link.stream_id, link.sender_clock_us, link.at);
+                        st.receiver.set_rtt(link.conn.rtt());
                         let now = Instant::now();
                         // Counters so far belong to the lost connection; the
                         // report's interval figures start over here too.

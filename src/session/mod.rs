@@ -20,3 +20,12 @@ pub use sender::{
     DEFAULT_REPAIR_SPACING, DEFAULT_STARTUP_LOSS,
 };
 pub use stats::{LatencySummary, ReceiverStats};
+
+/// Widest spacing between the shards of one repair answer.
+///
+/// A loss burst takes consecutive packets: an answer sent a millisecond a
+/// shard, alternating with the stream, loses half a burst's length of its
+/// shards to one burst, and a margin sized for independent loss is not
+/// enough. Spread over the time the block still has, a few milliseconds a
+/// shard, a burst meets at most one or two of them.
+pub(crate) const MAX_ANSWER_SPACING: std::time::Duration = std::time::Duration::from_millis(4);

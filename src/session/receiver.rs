@@ -71,7 +71,7 @@ pub const DEFAULT_REPAIR_DELAY: Duration = Duration::from_millis(4);
 /// Wide enough that a loss burst on the way up (a few packets, a few
 /// milliseconds) rarely takes every copy, short enough that the last copy
 /// still leaves the answer most of a budget above one round trip.
-const REPAIR_COPY_SPACING: Duration = Duration::from_millis(3);
+const REPAIR_COPY_SPACING: Duration = Duration::from_millis(5);
 
 /// Repair datagrams waiting to be sent, at most; older ones are dropped.
 const MAX_OUTGOING_REPAIRS: usize = 64;
@@ -735,6 +735,10 @@ impl Receiver {
             });
             if ask.attempts == 0 {
                 ask.check_at = check_at;
+            } else if s == seq {
+                // An answer still arriving (the sender spreads it out): look
+                // again once it has gone quiet, not while it comes.
+                ask.check_at = ask.check_at.max(check_at + super::MAX_ANSWER_SPACING);
             }
         }
         // Bounded by the window: the oldest cannot be in the decoder anymore.
@@ -762,13 +766,22 @@ impl Receiver {
                     done.push(seq);
                     continue;
                 }
+                // Past its deadline the decoder gives the block up and the ask
+                // goes with it; until then a look every repair delay at most.
+                let idle = ask.deadline.max(now + self.config.repair_delay);
                 if ask.attempts >= MAX_REPAIR_ATTEMPTS {
-                    ask.check_at = ask.deadline;
+                    ask.check_at = idle;
                     ask.copies_left = 0;
                 } else if now + answer_time > ask.deadline {
-                    self.stats.repairs_too_late += 1;
-                    done.push(seq);
-                    continue;
+                    if ask.attempts == 0 {
+                        self.stats.repairs_too_late += 1;
+                        done.push(seq);
+                        continue;
+                    }
+                    // No second round fits, but the block stays known: the
+                    // rest of an answer may still arrive, and must not start
+                    // a new request of its own.
+                    ask.check_at = idle;
                 } else {
                     let attempt = ask.attempts;
                     ask.attempts += 1;
@@ -1052,14 +1065,14 @@ mod tests {
             repairs(&mut s.receiver).is_empty(),
             "waits its repair delay"
         );
-        let first = run(&mut s, 21, 38);
+        let first = run(&mut s, 21, 45);
         // Copies of attempt 0, spaced, naming the 15 shards held.
         assert_eq!(first.len(), REPAIR_REQUEST_COPIES as usize, "{first:?}");
         assert!(first
             .iter()
             .all(|e| e.seq == 0 && e.attempt == 0 && e.seen.len() == 15));
         // No answer: one more attempt after a round trip, then no more.
-        let second = run(&mut s, 39, 99);
+        let second = run(&mut s, 46, 99);
         assert_eq!(second.len(), REPAIR_REQUEST_COPIES as usize, "{second:?}");
         assert!(second.iter().all(|e| e.attempt == 1));
         assert_eq!(s.receiver.stats().repairs_asked, 2);
@@ -1084,6 +1097,39 @@ mod tests {
         let b = off.block(0, 0, 21_056, Flags::SYNC);
         off.feed(20, b[..15].to_vec());
         assert!(run(&mut off, 21, 99).is_empty());
+    }
+
+    /// The sender spreads an answer out: while its shards keep arriving the
+    /// receiver does not ask again, and an answer still arriving when no
+    /// second round fits does not start a request of its own.
+    #[test]
+    fn an_answer_still_arriving_is_waited_for() {
+        let mut s = Sim::new();
+        s.receiver.set_rtt(Duration::from_millis(20));
+        let b0 = s.block(0, 0, 21_056, Flags::SYNC);
+        s.feed(20, b0[..14].to_vec());
+        let first = run(&mut s, 21, 45);
+        assert_eq!(first.len(), REPAIR_REQUEST_COPIES as usize, "{first:?}");
+        // The answer's shards, 6 ms apart from 45 ms: without its quiet the
+        // second attempt would be due at 53 ms.
+        let mut asked = Vec::new();
+        for (i, ms) in (45..=63).step_by(6).enumerate() {
+            s.feed(ms, b0[14 + i..15 + i].to_vec());
+            asked.extend(run(&mut s, ms + 1, ms + 5));
+        }
+        assert!(asked.is_empty(), "asked again mid-answer: {asked:?}");
+        // Quiet and still short by two: the second attempt, naming 18 shards.
+        let second = run(&mut s, 64, 110);
+        assert!(!second.is_empty() && second.iter().all(|e| e.attempt == 1 && e.seen.len() == 18));
+
+        // Asked once, answered too late for a second round: the rest of the
+        // answer arriving starts no new request.
+        let b1 = s.block(1, 200, 21_056, Flags::empty());
+        s.feed(250, b1[..14].to_vec());
+        assert_eq!(run(&mut s, 251, 282).len(), REPAIR_REQUEST_COPIES as usize);
+        s.feed(285, b1[14..16].to_vec());
+        assert!(run(&mut s, 286, 299).is_empty());
+        assert_eq!(s.receiver.stats().repairs_too_late, 0);
     }
 
     fn seqs(events: &[Event]) -> Vec<(u64, bool)> {

@@ -49,6 +49,7 @@ const SPACE_RETRY: Duration = Duration::from_millis(1);
 const MAX_RETAINED: usize = 1024;
 /// Window over which the rate quinn takes datagrams is measured.
 const DRAIN_WINDOW: Duration = Duration::from_millis(200);
+use super::MAX_ANSWER_SPACING;
 
 /// Settings of a [`Sender`]: one viewer's budget and the server's sending rules.
 #[derive(Debug, Clone)]
@@ -199,7 +200,7 @@ pub struct SenderStats {
 #[derive(Debug)]
 struct Queued {
     datagram: Bytes,
-    /// When it was queued.
+    /// When it was queued; for a repair shard, the earliest it may leave.
     at: Instant,
     /// Past this the shard cannot reach the viewer by its block's deadline.
     leave_by: Instant,
@@ -552,19 +553,30 @@ impl Sender {
         let lacking = (0..k + usize::from(sent.parity_used)).filter(|&i| !e.seen.contains(i as u8));
         let mut used = sent.parity_used;
         let mut picked = 0u16;
+        // Half the time left spreads the answer, the rest covers the path
+        // and a late start behind other answers.
+        let spacing = (leave_by.saturating_duration_since(now) / (2 * want.max(1) as u32))
+            .min(MAX_ANSWER_SPACING)
+            .max(self.config.repair_spacing);
         for idx in fresh.chain(lacking).take(want) {
             if idx >= k + usize::from(used) {
                 used += 1;
             }
             let d = datagrams[idx].clone();
             self.queued_bytes += d.len();
-            self.repairs.push_back(Queued {
-                datagram: d,
-                at: now,
-                leave_by,
-                seq: e.seq,
-                group: e.group,
-            });
+            let at = now + spacing * u32::from(picked);
+            // Answers interleave: each shard waits in order of when it may leave.
+            let pos = self.repairs.partition_point(|q| q.at <= at);
+            self.repairs.insert(
+                pos,
+                Queued {
+                    datagram: d,
+                    at,
+                    leave_by,
+                    seq: e.seq,
+                    group: e.group,
+                },
+            );
             picked += 1;
         }
         let group = &mut self.retained[i].groups[g];
@@ -586,7 +598,8 @@ impl Sender {
         self.handle_timeout(now);
         self.refill(now);
         while self.drop_hopeless_block(now) {}
-        let repair_due = !self.repairs.is_empty() && self.next_repair.is_none_or(|t| t <= now);
+        let repair_due = self.repairs.front().is_some_and(|q| q.at <= now)
+            && self.next_repair.is_none_or(|t| t <= now);
         let from_repairs = repair_due || self.queue.is_empty();
         let head = if from_repairs {
             self.repairs.front()
@@ -702,7 +715,8 @@ impl Sender {
         let need = head.datagram.len() as f64 - self.tokens;
         let pacer = (need > 0.0).then(|| now + Duration::from_secs_f64(need / self.pace_rate()));
         let repair = if self.queue.is_empty() {
-            self.next_repair.filter(|t| *t > now)
+            let first = self.repairs.front().map(|q| q.at);
+            first.max(self.next_repair).filter(|t| *t > now)
         } else {
             None
         };
@@ -969,6 +983,55 @@ mod tests {
         let mut s = Sender::new(cfg, RTT);
         s.set_loss(Some(loss));
         s
+    }
+
+    /// An answer is spread over half the time its block has left, at most
+    /// `MAX_ANSWER_SPACING` a shard, so one loss burst meets few of its
+    /// shards; a second answer does not wait behind the first.
+    #[test]
+    fn answers_are_spread_over_the_time_left_and_interleave() {
+        let mut enc = encoder(0.5);
+        let t0 = Instant::now();
+        let mut s = settled(100, 0.05);
+        for seq in 0..2 {
+            s.push_block(t0, block(&mut enc, seq, 21_056), t0);
+        }
+        drain(&mut s, t0);
+        let t = t0 + Duration::from_millis(30);
+        // Both blocks short by four data shards.
+        let held = || (0..20u8).filter(|i| !(3..7).contains(i));
+        s.handle_repair(t, &[request(0, 0, 0, held()), request(1, 0, 0, held())]);
+        let mut now = t;
+        let mut sent: Vec<(u64, Instant)> = Vec::new();
+        while let Some(next) = s.poll_timeout(now) {
+            now = next.max(now + Duration::from_micros(10));
+            sent.extend(
+                std::iter::from_fn(|| s.poll_transmit(now, usize::MAX))
+                    .map(|d| (header(&d).seq, now)),
+            );
+        }
+        let of = |seq| {
+            sent.iter()
+                .filter(|(s, _)| *s == seq)
+                .map(|(_, at)| *at)
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (of(0), of(1));
+        assert!(a.len() >= 5 && b.len() >= 5, "{sent:?}");
+        // Leave by is 80 ms (deadline less half the 40 ms RTT); 50 ms remain,
+        // so each shard of a 5-7 shard answer waits the widest spacing.
+        for w in a.windows(2).chain(b.windows(2)) {
+            let gap = w[1] - w[0];
+            assert!(
+                gap >= MAX_ANSWER_SPACING - Duration::from_micros(20),
+                "{gap:?}"
+            );
+        }
+        assert!(
+            b[0] < a[1],
+            "the second answer starts before the first ends"
+        );
+        assert!(*a.last().unwrap() < t0 + Duration::from_millis(80));
     }
 
     #[test]

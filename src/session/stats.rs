@@ -70,7 +70,18 @@ pub struct ReceiverStats {
     pub repairs_too_late: u64,
     /// Blocks delivered in time after a repair request for them.
     pub blocks_repaired: u64,
-    latency: Histogram<u64>,
+    latency: Latency,
+}
+
+/// The latency histogram, shown as its percentiles: its `Debug` is what a
+/// failing test prints, and the raw buckets would bury the counters.
+#[derive(Clone)]
+struct Latency(Histogram<u64>);
+
+impl std::fmt::Debug for Latency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        summarize(&self.0).fmt(f)
+    }
 }
 
 impl Default for ReceiverStats {
@@ -97,7 +108,7 @@ impl Default for ReceiverStats {
             repair_datagrams: 0,
             repairs_too_late: 0,
             blocks_repaired: 0,
-            latency: new_histogram(),
+            latency: Latency(new_histogram()),
         }
     }
 }
@@ -124,17 +135,17 @@ pub(crate) fn summarize(h: &Histogram<u64>) -> LatencySummary {
 impl ReceiverStats {
     pub(crate) fn record_latency(&mut self, latency: Duration) {
         let us = (latency.as_micros() as u64).clamp(1, 3_600_000_000);
-        self.latency.saturating_record(us);
+        self.latency.0.saturating_record(us);
     }
 
     /// Block latency, sender timestamp to in-order delivery.
     pub fn latency(&self) -> LatencySummary {
-        summarize(&self.latency)
+        summarize(&self.latency.0)
     }
 
     /// The raw latency histogram, in microseconds.
     pub fn latency_histogram(&self) -> &Histogram<u64> {
-        &self.latency
+        &self.latency.0
     }
 
     /// Fraction of finished blocks that were delivered.
