@@ -48,9 +48,19 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     common::init_tracing();
-    let args = Args::parse();
+    // One line naming the cause, no backtrace, and a non-zero exit.
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let mut fec = FecConfig::default();
     fec.set_redundancy(args.redundancy)?;
     let mut config = ServerConfig::new(Identity::DevCertificate {
@@ -113,17 +123,20 @@ async fn main() -> anyhow::Result<()> {
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e.into()),
             },
-            _ = redraw.tick(), if live => eprint!("{}", common::progress_line(&viewer.stats(), started.elapsed(), viewer.summary())),
+            _ = redraw.tick(), if live => common::redraw(&common::live_line(&common::Live::new(&viewer.stats(), viewer.blocks_missed(), started.elapsed(), viewer.summary()))),
             _ = &mut limit => break,
         }
     }
     publishing.await??;
     let stats = viewer.stats();
     if live {
-        eprintln!(
-            "{}",
-            common::progress_line(&stats, started.elapsed(), viewer.summary())
-        );
+        common::redraw(&common::live_line(&common::Live::new(
+            &stats,
+            viewer.blocks_missed(),
+            started.elapsed(),
+            viewer.summary(),
+        )));
+        eprintln!();
     }
     let sent = server.stats();
     common::print_report(

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -50,10 +50,12 @@ struct Args {
     /// Parity each viewer is sent: `auto` (from its reported loss), `all`, or a count per group.
     #[arg(long, default_value = "auto", value_parser = parse_parity)]
     parity: Parity,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
+    /// Serve Prometheus metrics at http://ADDR/metrics (axum over the library's
+    /// `Server::metrics_text`).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
-    /// Append every accepted viewer event to PATH as JSON lines.
+    /// Write every accepted viewer event to PATH as JSON lines; each run starts a new
+    /// file (the previous run's becomes PATH.1).
     #[arg(long, value_name = "PATH")]
     events: Option<PathBuf>,
     /// Most data shards per code group; larger groups protect better against random loss.
@@ -82,9 +84,36 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     common::init_tracing();
-    let args = Args::parse();
+    // One line naming the cause, no backtrace, and a non-zero exit.
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    // Everything that can fail at start fails before a viewer can connect.
+    let mut file = match args.input.as_deref() {
+        Some("-") | None => None,
+        Some(path) => Some(
+            tokio::fs::File::open(path)
+                .await
+                .with_context(|| format!("--input {path}"))?,
+        ),
+    };
+    let metrics = match args.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics {addr}"))?,
+        ),
+        None => None,
+    };
     let identity = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Identity::Files {
             cert: cert.clone(),
@@ -109,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
         Some(socket) => Server::bind_socket(config, socket),
         None => Server::bind(config),
     }
-    .context("starting server")?;
+    .with_context(|| format!("listening on {}", args.listen))?;
     let mut publisher = server.publish(&args.stream, None)?;
     eprintln!(
         "quicast server on {} stream {:?} ({} kbit/s, {} byte blocks)",
@@ -119,58 +148,91 @@ async fn main() -> anyhow::Result<()> {
         args.block_size
     );
     let driver = tokio::spawn(server.run());
-    if let Some(addr) = args.metrics {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("metrics listener on {addr}"))?;
+    if let Some(listener) = metrics {
         eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
-        tokio::spawn(quicast::net::serve_metrics(listener, server.clone()));
+        let server = server.clone();
+        tokio::spawn(async move {
+            if let Err(e) = common::metrics::serve(listener, server).await {
+                eprintln!("metrics endpoint stopped: {e}");
+            }
+        });
     }
 
-    if args.start_on_viewer {
-        eprintln!("waiting for the first viewer...");
-        publisher.wait_for_viewers(1).await;
-    }
-    let block_size = args.block_size.max(1);
     // SIGINT or SIGTERM stops gracefully; a second one exits at once.
     let mut signals = quicast::net::Signals::new().context("signal handlers")?;
     let mut signalled = None;
+    if args.start_on_viewer {
+        eprintln!("waiting for the first viewer...");
+        tokio::select! {
+            _ = publisher.wait_for_viewers(1) => {}
+            s = signals.recv() => signalled = Some(s),
+        }
+    }
+    let block_size = args.block_size.max(1);
     let sent = match args.input.as_deref() {
+        _ if signalled.is_some() => Ok(0),
         Some("-") => {
             let flush = Duration::from_secs_f64(args.flush_ms.max(0.0) / 1e3);
             let stdin = tokio::io::stdin();
             tokio::select! {
-                r = forward_pipe(stdin, &mut publisher, block_size, flush) => r?,
+                r = forward_pipe(stdin, &mut publisher, block_size, flush) => r,
                 s = signals.recv() => {
                     signalled = Some(s);
-                    publisher.next_seq()
+                    Ok(publisher.next_seq())
                 }
             }
         }
-        input => {
-            let mut file = match input {
-                Some(path) => Some(
-                    tokio::fs::File::open(path)
-                        .await
-                        .with_context(|| format!("opening {path}"))?,
-                ),
-                None => None,
-            };
+        _ => {
             tokio::select! {
-                r = paced(file.as_mut(), &mut publisher, block_size, args.bitrate) => r?,
+                r = paced(file.as_mut(), &mut publisher, block_size, args.bitrate) => match args.input.as_deref() {
+                    Some(path) => r.with_context(|| format!("reading --input {path}")),
+                    None => r,
+                },
                 s = signals.recv() => {
                     signalled = Some(s);
-                    publisher.next_seq()
+                    Ok(publisher.next_seq())
                 }
             }
         }
     };
     let viewers = publisher.viewers();
-    publisher.finish();
-    match signalled {
-        Some(s) => eprintln!("{s}: stopping after {sent} blocks; {viewers} viewer(s) connected"),
-        None => eprintln!("input ended after {sent} blocks; {viewers} viewer(s) connected"),
-    }
+    let sent = match sent {
+        Ok(sent) => sent,
+        Err(e) => {
+            // Viewers are told the stream failed (Goodbye, publisher_failed),
+            // never that it ended.
+            let reason = format!("{e:#}");
+            publisher.fail(reason.clone());
+            eprintln!(
+                "input failed after {} blocks; telling {viewers} viewer(s) the publisher failed",
+                server.stats().blocks_published
+            );
+            // Let the Goodbye (publisher_failed) reach them before the
+            // shutdown's own (shutdown) could overtake it; bounded.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while server.stats().viewers > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            server.shutdown(Duration::from_secs(2)).await;
+            driver.abort();
+            return Err(e);
+        }
+    };
+    let publisher = match signalled {
+        Some(s) => {
+            eprintln!(
+                "{s}: stopping after {sent} blocks: Goodbye to {viewers} viewer(s), then every accepted event applied and logged (again to exit at once)"
+            );
+            // Ended by the server going away (Goodbye, shutdown), not by
+            // the input: finished after the viewers are gone.
+            Some(publisher)
+        }
+        None => {
+            publisher.finish();
+            eprintln!("input ended after {sent} blocks; {viewers} viewer(s) connected");
+            None
+        }
+    };
     if signalled.is_none() {
         if args.exit_at_end {
             // Viewers get EndOfStream after the last block, then leave; wait for
@@ -180,7 +242,12 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         } else {
-            signalled = Some(signals.recv().await);
+            eprintln!("the stream has ended; Ctrl-C (SIGINT) or SIGTERM stops the server");
+            let s = signals.recv().await;
+            eprintln!(
+                "{s}: stopping: every accepted event applied and logged (again to exit at once)"
+            );
+            signalled = Some(s);
         }
     }
     // Goodbye to every viewer, every accepted event applied, logged and
@@ -206,6 +273,9 @@ async fn main() -> anyhow::Result<()> {
             stats.events_accepted, stats.events_logged
         );
         std::process::exit(130);
+    }
+    if let Some(publisher) = publisher {
+        publisher.finish();
     }
     driver.abort();
     let stats = server.stats();

@@ -239,8 +239,14 @@ impl ServerConfig {
         self
     }
 
-    /// Appends every accepted analytics event as one JSON line to `path`: the
-    /// durable record. Default none. Flushed on [`Server::shutdown`](crate::Server::shutdown).
+    /// Writes every accepted analytics event as one JSON line
+    /// ([`LogRecord`](crate::analytics::LogRecord): run id, wall-clock time,
+    /// the viewer's address on joins and leaves) to `path`: the durable
+    /// record. Default none. Each run starts a new file: a non-empty regular
+    /// file left by a previous run is rotated to `PATH.1` first (as below; with
+    /// `keep = 0` it is truncated). Every batch is flushed as it is written,
+    /// and [`Server::shutdown`](crate::Server::shutdown) applies and logs
+    /// every accepted event before it returns.
     pub fn event_log(&mut self, path: Option<PathBuf>) -> &mut Self {
         self.event_log = path;
         self

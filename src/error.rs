@@ -32,6 +32,10 @@ pub enum CloseCode {
     /// The viewer's control stream did not take the server's messages in
     /// time (it withheld flow-control credit).
     ControlStalled,
+    /// The stream's publisher failed (its input broke, or it was dropped
+    /// without [`Publisher::finish`](crate::Publisher::finish)): the stream
+    /// did not end normally.
+    PublisherFailed,
 }
 
 impl CloseCode {
@@ -50,6 +54,7 @@ impl CloseCode {
             CloseCode::HelloTimeout => 0x9,
             CloseCode::DatagramsUnsupported => 0xa,
             CloseCode::ControlStalled => 0xb,
+            CloseCode::PublisherFailed => 0xc,
         }
     }
 
@@ -69,6 +74,7 @@ impl CloseCode {
             HelloTimeout,
             DatagramsUnsupported,
             ControlStalled,
+            PublisherFailed,
         ]
         .into_iter()
         .find(|c| c.code() == code)
@@ -94,6 +100,7 @@ impl CloseCode {
             CloseCode::HelloTimeout => "hello_timeout",
             CloseCode::DatagramsUnsupported => "datagrams_unsupported",
             CloseCode::ControlStalled => "control_stalled",
+            CloseCode::PublisherFailed => "publisher_failed",
         }
     }
 
@@ -146,9 +153,11 @@ pub enum TlsError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServerError {
+    // As in `ClientError`: the io error is in the message, not also
+    // `source()`, so a report walking the chain says it once.
     /// Binding the UDP socket or creating the endpoint failed.
     #[error("bind: {0}")]
-    Bind(#[source] std::io::Error),
+    Bind(std::io::Error),
     /// TLS setup failed.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -256,7 +265,7 @@ mod tests {
                 assert!(seen.insert(c.name()));
             }
         }
-        assert_eq!(seen.len(), 12);
+        assert_eq!(seen.len(), 13);
         assert_eq!(
             CloseCode::for_decode_error(&DecodeError::TooLong("control frame")),
             CloseCode::FrameTooLarge

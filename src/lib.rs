@@ -18,7 +18,7 @@
 //! | [`session`] | PURE receiver state machine (time passed in), rate limiter |
 //! | [`analytics`] | PURE viewer-event aggregator, QoE, the loss → parity policy, Prometheus text |
 //! | [`config`] | [`ServerConfig`], [`ClientConfig`], FEC and decoder settings |
-//! | [`net`] | THIN SHELL: quinn endpoints, TLS, control framing, [`Server`], [`Client`], `/metrics` |
+//! | [`net`] | THIN SHELL: quinn endpoints, TLS, control framing, [`Server`] (with [`Server::metrics_text`] for the app to serve), [`Client`] |
 //! | [`sim`] | in-process loss, delay, jitter and bandwidth models below QUIC |
 //!
 //! The pure modules never touch tokio, quinn or a clock, and are tested with a
@@ -81,6 +81,12 @@ pub use config::{ClientConfig, CongestionControl, Identity, Parity, ServerConfig
 pub use error::{ClientError, CloseCode, ServerError, TlsError};
 pub use net::{Client, Publisher, Server, ServerStats, Subscription};
 pub use session::{Event, ReceiverStats};
+
+// The README's Rust blocks (the Library example) compiled as doc tests, so
+// the code a user pastes is the code that builds.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 #[cfg(test)]
 pub(crate) mod testing {

@@ -49,8 +49,12 @@ pub enum InputKind {
     App(ClientEvent),
     /// The viewer left: `Leave`, a closed connection, or a timeout.
     Leave {
-        /// Why, for the log (e.g. `bye`, `timeout`, `closed`); may quote
-        /// the viewer's own close reason.
+        /// Why, for the log. quicast's server writes `viewer left` for every
+        /// clean end the viewer chose (`Leave`, a finished control stream, a
+        /// close with code `normal`); otherwise the close code's name and the
+        /// reason (`shutdown: server shutting down`, `publisher_failed: ...`,
+        /// `protocol_violation: ...`), `idle timeout`, or `viewer closed:
+        /// <code>: <reason>` quoting the viewer's own close reason.
         #[serde(with = "crate::wire::compact")]
         reason: String,
     },
@@ -70,27 +74,55 @@ impl InputKind {
     }
 }
 
-/// One line of the JSON-lines event log: an [`Input`] and when it was accepted.
+/// One line of the JSON-lines event log: an [`Input`], when it was accepted, and which run
+/// of the server wrote it.
 ///
-/// `at_ms` is whatever wall clock the writer uses (typically milliseconds since the Unix
-/// epoch); the aggregator never reads it. It is there so a log can be replayed with the same
-/// spacing, which windows and watch time depend on.
+/// - `run`: an id of the server run that wrote the line (quicast's server: the start time in
+///   Unix milliseconds and the process id, in hex, `18f3a2b4c5d-1a2b`). Viewer ids and `at_ms`
+///   start over in each run, so `(run, viewer)` names one viewer.
+/// - `unix_ms`: wall-clock time the event was accepted, milliseconds since the Unix epoch.
+/// - `at_ms`: milliseconds since the run started, on a monotonic clock (never steps back);
+///   the aggregator never reads it. It is there so a log can be replayed with the same
+///   spacing, which windows and watch time depend on.
+/// - `peer`: the viewer's address (`ip:port`), on its `join` and `leave` lines.
 ///
 /// ```
 /// use std::borrow::Cow;
 /// use quicast::analytics::{Input, InputKind, LogRecord};
 ///
 /// let input = Input { viewer: 7, stream: "live".into(), kind: InputKind::Stall };
-/// let line = serde_json::to_string(&LogRecord { at_ms: 1_000, input: Cow::Borrowed(&input) })?;
-/// assert_eq!(line, r#"{"at_ms":1000,"viewer":7,"stream":"live","kind":{"type":"stall"}}"#);
+/// let record = LogRecord {
+///     run: Some("18f3a2b4c5d-1a2b".into()),
+///     unix_ms: Some(1_764_700_000_000),
+///     at_ms: 1_000,
+///     peer: None,
+///     input: Cow::Borrowed(&input),
+/// };
+/// let line = serde_json::to_string(&record)?;
+/// assert_eq!(
+///     line,
+///     r#"{"run":"18f3a2b4c5d-1a2b","unix_ms":1764700000000,"at_ms":1000,"viewer":7,"stream":"live","kind":{"type":"stall"}}"#
+/// );
 /// let back: LogRecord = serde_json::from_str(&line)?;
 /// assert_eq!(*back.input, input);
+/// // Lines without the newer fields still read.
+/// let old: LogRecord = serde_json::from_str(r#"{"at_ms":5,"viewer":7,"stream":"live","kind":{"type":"stall"}}"#)?;
+/// assert_eq!((old.run, old.unix_ms, old.at_ms), (None, None, 5));
 /// # Ok::<(), serde_json::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogRecord<'a> {
-    /// When the event was accepted, milliseconds on the writer's clock.
+    /// The server run that wrote the line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<Cow<'a, str>>,
+    /// Wall-clock time the event was accepted, milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_ms: Option<u64>,
+    /// When the event was accepted, milliseconds since the run started (monotonic).
     pub at_ms: u64,
+    /// The viewer's address, on `join` and `leave` lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<std::net::SocketAddr>,
     /// The event; borrowed when writing, owned when reading back.
     #[serde(flatten)]
     pub input: Cow<'a, Input>,
@@ -132,7 +164,10 @@ mod tests {
                 kind,
             };
             let line = serde_json::to_string(&LogRecord {
+                run: Some("r1".into()),
+                unix_ms: Some(1_764_700_000_000),
                 at_ms: 42,
+                peer: Some("[::1]:4433".parse().unwrap()),
                 input: Cow::Borrowed(&input),
             })
             .unwrap();
@@ -141,6 +176,9 @@ mod tests {
             assert!(line.contains(input.kind.name()), "{line}");
             let back: LogRecord = serde_json::from_str(&line).unwrap();
             assert_eq!(back.at_ms, 42);
+            assert_eq!(back.run.as_deref(), Some("r1"));
+            assert_eq!(back.unix_ms, Some(1_764_700_000_000));
+            assert_eq!(back.peer, Some("[::1]:4433".parse().unwrap()));
             assert_eq!(*back.input, input, "{line}");
         }
     }

@@ -56,13 +56,17 @@ pub struct Metric {
 /// | `quicast_joins_total`, `quicast_leaves_total` | counter | viewers that joined, left |
 /// | `quicast_watch_seconds_total` | counter | summed viewer watch time |
 /// | `quicast_stalls_total`, `quicast_stall_seconds_total` | counter | stalls, stalled time |
-/// | `quicast_stall_ratio{window}` | gauge | stalled / watch time; `window` = `10s`, `60s`, `total` |
+/// | `quicast_stall_ratio{window}` | gauge | stalled / watch time; `window` = `10s`, `60s`, `total`; absent for a window without watch time |
 /// | `quicast_shards_sent_total`, `quicast_shards_lost_total` | counter | datagrams sent and lost before FEC |
 /// | `quicast_blocks_delivered_total`, `_recovered_total`, `_lost_total` | counter | blocks delivered, rebuilt by FEC, lost after FEC |
-/// | `quicast_loss_ratio{stage,window}` | gauge | `stage` = `before_fec` (shards), `after_fec` (blocks) |
-/// | `quicast_qoe_score` | gauge | mean viewer QoE, 0..=100 |
-/// | `quicast_latency_seconds{reported,viewers}` | gauge | `viewers` quantile (`p50`, `p99`) across viewers of each one's `reported` latency quantile (`p50`, `p99`) |
-/// | `quicast_viewer_parity{k}` | gauge | mean parity shards per `k` data shards chosen for live viewers |
+/// | `quicast_loss_ratio{stage,window}` | gauge | `stage` = `before_fec` (shards), `after_fec` (blocks); absent for a window with nothing sent (delivered) |
+/// | `quicast_qoe_score` | gauge | mean QoE of live viewers, 0..=100; absent when no live viewer has a score |
+/// | `quicast_latency_seconds{reported,viewers}` | gauge | `viewers` quantile (`p50`, `p99`) across viewers of each one's `reported` latency quantile (`p50`, `p99`); absent when no live viewer reported a latency |
+/// | `quicast_viewer_parity{k}` | gauge | mean parity shards per `k` data shards chosen for live viewers; absent without live viewers |
+///
+/// A gauge that describes viewers or a window has no sample at all when there is nothing to
+/// describe (no live viewer, an empty window), rather than a 0 that a dashboard would draw as
+/// quality collapsing or loss vanishing; its family's `# HELP` and `# TYPE` lines stay.
 /// | `quicast_join_seconds` | histogram | viewers' time to first block |
 /// | `quicast_app_events_total` | counter | application events |
 /// | `quicast_analytics_events_applied_total` | counter | events applied (no label) |
@@ -228,11 +232,22 @@ impl Families {
         );
         let mut ratios = Vec::new();
         for (n, s) in st {
-            for (window, r) in [
-                ("10s", s.windows.s10.stall_ratio),
-                ("60s", s.windows.s60.stall_ratio),
-                ("total", s.stall_ratio),
+            for (window, r, watched) in [
+                (
+                    "10s",
+                    s.windows.s10.stall_ratio,
+                    s.windows.s10.watch_seconds,
+                ),
+                (
+                    "60s",
+                    s.windows.s60.stall_ratio,
+                    s.windows.s60.watch_seconds,
+                ),
+                ("total", s.stall_ratio, s.watch_seconds),
             ] {
+                if watched <= 0.0 {
+                    continue;
+                }
                 ratios.push((with(stream_label(n), &[("window", window)]), Float(r)));
             }
         }
@@ -280,14 +295,33 @@ impl Families {
         let mut loss = Vec::new();
         for (n, s) in st {
             let w = &s.windows;
-            for (stage, window, r) in [
-                ("before_fec", "10s", w.s10.loss_before_fec),
-                ("before_fec", "60s", w.s60.loss_before_fec),
-                ("before_fec", "total", s.loss_before_fec),
-                ("after_fec", "10s", w.s10.loss_after_fec),
-                ("after_fec", "60s", w.s60.loss_after_fec),
-                ("after_fec", "total", s.loss_after_fec),
+            let blocks = |w: &super::snapshot::Window| w.blocks_delivered + w.blocks_lost;
+            for (stage, window, r, den) in [
+                (
+                    "before_fec",
+                    "10s",
+                    w.s10.loss_before_fec,
+                    w.s10.shards_sent,
+                ),
+                (
+                    "before_fec",
+                    "60s",
+                    w.s60.loss_before_fec,
+                    w.s60.shards_sent,
+                ),
+                ("before_fec", "total", s.loss_before_fec, s.shards_sent),
+                ("after_fec", "10s", w.s10.loss_after_fec, blocks(&w.s10)),
+                ("after_fec", "60s", w.s60.loss_after_fec, blocks(&w.s60)),
+                (
+                    "after_fec",
+                    "total",
+                    s.loss_after_fec,
+                    s.blocks_delivered + s.blocks_lost,
+                ),
             ] {
+                if den == 0 {
+                    continue;
+                }
                 let labels = with(stream_label(n), &[("stage", stage), ("window", window)]);
                 loss.push((labels, Float(r)));
             }
@@ -298,16 +332,23 @@ impl Families {
             Gauge,
             loss,
         );
-        self.per_stream(
-            st,
+        let qoe = st
+            .iter()
+            .filter(|(_, s)| s.qoe.viewers > 0)
+            .map(|(n, s)| (stream_label(n), Float(s.qoe.mean)))
+            .collect();
+        self.scalar(
             "quicast_qoe_score",
-            "Mean quality-of-experience score of live viewers, 0 to 100.",
+            "Mean quality-of-experience score of live viewers, 0 to 100; absent without any.",
             Gauge,
-            |s| Float(s.qoe.mean),
+            qoe,
         );
         let mut latency = Vec::new();
         for (n, s) in st {
             let l = &s.latency;
+            if l.viewers == 0 {
+                continue;
+            }
             for (reported, viewers, us) in [
                 ("p50", "p50", l.reported_p50_us.p50),
                 ("p50", "p99", l.reported_p50_us.p99),
@@ -329,6 +370,9 @@ impl Families {
         );
         let mut parity = Vec::new();
         for (n, s) in st {
+            if s.parity.viewers == 0 {
+                continue;
+            }
             let labels = with(stream_label(n), &[("k", &s.parity.k.to_string())]);
             parity.push((labels, Float(s.parity.mean)));
         }
@@ -759,5 +803,68 @@ mod tests {
         );
         // Families without streams still declare themselves, which the format allows.
         assert!(text.contains("# TYPE quicast_viewers gauge\n"));
+    }
+
+    #[test]
+    fn viewer_gauges_are_absent_once_the_last_viewer_left() {
+        let mut agg = Aggregator::new(AggregatorConfig::default());
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let ev = |kind| Input {
+            viewer: 1,
+            stream: "live".into(),
+            kind,
+        };
+        agg.apply(&ev(InputKind::Join { agent: "t".into() }), at(0));
+        let report = Report {
+            blocks_delivered: 40,
+            shards_received: 800,
+            latency_p50_us: 20_000,
+            latency_p99_us: 30_000,
+            ..Report::default()
+        };
+        for (i, sent) in [(1u64, 0u64), (2, 800)] {
+            let kind = InputKind::Report {
+                report: Report {
+                    blocks_delivered: report.blocks_delivered * i,
+                    shards_received: report.shards_received * i,
+                    ..report
+                },
+                sent_shards: sent + 800,
+            };
+            agg.apply(&ev(kind), at(i * 1000));
+        }
+        let live = render(&agg.snapshot(at(2500)), &[]);
+        for family in [
+            "quicast_qoe_score{",
+            "quicast_latency_seconds{",
+            "quicast_viewer_parity{",
+        ] {
+            assert!(
+                live.contains(family),
+                "{family} missing while watched:\n{live}"
+            );
+        }
+        agg.apply(
+            &ev(InputKind::Leave {
+                reason: "viewer left".into(),
+            }),
+            at(3000),
+        );
+        let gone = render(&agg.snapshot(at(3500)), &[]);
+        check_format(&gone);
+        assert!(
+            gone.contains("quicast_viewers{stream=\"live\"} 0\n"),
+            "{gone}"
+        );
+        for family in [
+            "quicast_qoe_score{",
+            "quicast_latency_seconds{",
+            "quicast_viewer_parity{",
+        ] {
+            assert!(!gone.contains(family), "{family} still there:\n{gone}");
+        }
+        // Declared still, so a scrape keeps its shape.
+        assert!(gone.contains("# TYPE quicast_qoe_score gauge\n"), "{gone}");
     }
 }

@@ -4,6 +4,7 @@
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -38,6 +39,8 @@ pub(crate) enum Msg {
         input: Input,
         /// With `Join`: where this viewer's feedback goes.
         feedback: Option<watch::Sender<Feedback>>,
+        /// With `Join`: the viewer's address, for its log lines.
+        peer: Option<SocketAddr>,
     },
     /// Shutdown: apply what is queued, then stop accepting.
     Close,
@@ -63,6 +66,7 @@ impl Pipeline {
         match self.tx.try_send(Msg::Event {
             input,
             feedback: None,
+            peer: None,
         }) {
             Ok(()) => {
                 self.accepted.fetch_add(1, Relaxed);
@@ -73,14 +77,24 @@ impl Pipeline {
         }
     }
 
-    /// Queues a Join or Leave, waiting (at most a second) for room: the viewer
-    /// counts are wrong forever if one of these is lost.
+    /// Queues a Join (with its feedback channel and the viewer's address) or a
+    /// Leave, waiting (at most a second) for room: the viewer counts are wrong
+    /// forever if one of these is lost.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: a cancelled send enqueues nothing and counts nothing.
-    pub(crate) async fn send(&self, input: Input, feedback: Option<watch::Sender<Feedback>>) {
-        let msg = Msg::Event { input, feedback };
+    pub(crate) async fn send(
+        &self,
+        input: Input,
+        feedback: Option<watch::Sender<Feedback>>,
+        peer: Option<SocketAddr>,
+    ) {
+        let msg = Msg::Event {
+            input,
+            feedback,
+            peer,
+        };
         match tokio::time::timeout(Duration::from_secs(1), self.tx.send(msg)).await {
             Ok(Ok(())) => {
                 self.accepted.fetch_add(1, Relaxed);
@@ -163,6 +177,8 @@ struct LogWriter {
 }
 
 impl LogWriter {
+    /// Opens the log for a new run: a previous run's file is rotated away
+    /// first (to `path.1`, ...), so each run starts a file of its own.
     async fn open(config: LogConfig) -> LogWriter {
         let mut w = LogWriter {
             config,
@@ -170,7 +186,17 @@ impl LogWriter {
             size: 0,
             failing: false,
         };
-        if let Err(e) = w.reopen(false).await {
+        // Only a regular file is rotated: a device or pipe (`/dev/full`,
+        // a FIFO to a collector) is written to as it is.
+        let previous = tokio::fs::metadata(&w.config.path)
+            .await
+            .is_ok_and(|m| m.is_file() && m.len() > 0);
+        let opened = if previous {
+            w.rotate().await
+        } else {
+            w.reopen(false).await
+        };
+        if let Err(e) = opened {
             w.failed(&e);
         }
         w
@@ -289,7 +315,10 @@ async fn drain(
     };
     let mut pending_lines = 0u64;
     let epoch = Instant::now();
+    let started = std::time::SystemTime::now();
+    let run = run_id(started);
     let mut feedback: HashMap<u64, watch::Sender<Feedback>> = HashMap::new();
+    let mut peers: HashMap<u64, SocketAddr> = HashMap::new();
     let mut batch = Vec::with_capacity(256);
     let mut lines = Vec::with_capacity(64 * 1024);
     let mut reported = Vec::new();
@@ -298,22 +327,42 @@ async fn drain(
             break;
         }
         let now = Instant::now();
-        let at_ms = now.duration_since(epoch).as_millis() as u64;
+        let elapsed = now.duration_since(epoch);
+        let at_ms = elapsed.as_millis() as u64;
+        // Wall clock from the run's start plus the monotonic time since, so
+        // the lines never go back in time if the system clock is stepped.
+        let unix_ms = unix_ms(started + elapsed);
         let mut closing = false;
         {
             let mut agg = aggregator.lock().unwrap_or_else(|e| e.into_inner());
             for msg in batch.drain(..) {
-                let (input, fb) = match msg {
-                    Msg::Event { input, feedback } => (input, feedback),
+                let (input, fb, peer) = match msg {
+                    Msg::Event {
+                        input,
+                        feedback,
+                        peer,
+                    } => (input, feedback, peer),
                     Msg::Close => {
                         closing = true;
                         continue;
                     }
                 };
                 agg.apply(&input, now);
+                if let Some(peer) = peer {
+                    peers.insert(input.viewer, peer);
+                }
                 if log.is_some() {
+                    let peer = match input.kind {
+                        InputKind::Join { .. } | InputKind::Leave { .. } => {
+                            peers.get(&input.viewer).copied()
+                        }
+                        _ => None,
+                    };
                     let record = LogRecord {
+                        run: Some(std::borrow::Cow::Borrowed(&run)),
+                        unix_ms: Some(unix_ms),
                         at_ms,
+                        peer,
                         input: std::borrow::Cow::Borrowed(&input),
                     };
                     if serde_json::to_writer(&mut lines, &record).is_ok() {
@@ -332,6 +381,7 @@ async fn drain(
                     InputKind::Report { .. } => reported.push(input.viewer),
                     InputKind::Leave { .. } => {
                         feedback.remove(&input.viewer);
+                        peers.remove(&input.viewer);
                     }
                     _ => {}
                 }
@@ -366,6 +416,18 @@ async fn drain(
     // Every batch was flushed as it was written: nothing is left to lose.
     drop(log);
     done.send_replace(true);
+}
+
+/// Milliseconds since the Unix epoch (0 for a clock set before it).
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The id of this server run in the event log: its start in Unix ms and the
+/// process id, in hex. Two runs of one process differ by their start time.
+fn run_id(started: std::time::SystemTime) -> String {
+    format!("{:x}-{:x}", unix_ms(started), std::process::id())
 }
 
 #[cfg(test)]
@@ -439,6 +501,28 @@ mod tests {
         long.push(b'\n');
         w.write(&long).await.unwrap();
         assert_eq!(read(&path), long);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn each_run_starts_a_new_file_and_keeps_the_previous_one() {
+        let dir = std::env::temp_dir().join(format!("quicast-runs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("events.jsonl");
+        let config = LogConfig {
+            path: path.clone(),
+            max_bytes: u64::MAX,
+            keep: 3,
+        };
+        for run in [b"run 1\n", b"run 2\n", b"run 3\n"] {
+            let mut w = LogWriter::open(config.clone()).await;
+            w.write(run).await.unwrap();
+        }
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        assert_eq!(read(path.clone()), "run 3\n");
+        assert_eq!(read(dir.join("events.jsonl.1")), "run 2\n");
+        assert_eq!(read(dir.join("events.jsonl.2")), "run 1\n");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

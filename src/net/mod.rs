@@ -10,12 +10,10 @@ mod analytics;
 mod cc;
 mod client;
 mod control;
-mod metrics;
 mod server;
 mod signal;
 pub mod tls;
 
 pub use client::{Client, Subscription};
-pub use metrics::serve_metrics;
 pub use server::{Publisher, Server, ServerStats};
 pub use signal::{Signal, Signals, Stopped};

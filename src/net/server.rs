@@ -77,7 +77,7 @@ struct Counters {
 
 /// Why connections end, as counted in `quicast_connections_closed_total`:
 /// the close codes (indexed by their value), then ends that carry none.
-const CLOSE_REASONS: [&str; 17] = [
+const CLOSE_REASONS: [&str; 18] = [
     CloseCode::Normal.name(),
     CloseCode::ProtocolViolation.name(),
     CloseCode::FrameTooLarge.name(),
@@ -90,6 +90,7 @@ const CLOSE_REASONS: [&str; 17] = [
     CloseCode::HelloTimeout.name(),
     CloseCode::DatagramsUnsupported.name(),
     CloseCode::ControlStalled.name(),
+    CloseCode::PublisherFailed.name(),
     // The QUIC handshake did not finish in time.
     "handshake_timeout",
     // The QUIC handshake failed (TLS, version, or the peer gave up).
@@ -207,6 +208,10 @@ enum Item {
     Block(Arc<EncodedBlock>, Instant),
     End {
         last_seq: u64,
+    },
+    /// The publisher failed: viewers get Goodbye with `publisher_failed`.
+    Failed {
+        reason: String,
     },
 }
 
@@ -397,11 +402,6 @@ impl Server {
             shared: self.shared.clone(),
             finished: false,
         })
-    }
-
-    /// Resolves when [`shutdown`](Self::shutdown) has been called.
-    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shared.shutdown.subscribe()
     }
 
     /// Counters so far.
@@ -775,7 +775,11 @@ async fn shutting_down(rx: &mut watch::Receiver<bool>) {
 /// Publishes blocks into one stream.
 ///
 /// Each block is FEC-encoded once, here, on the caller's task; every viewer's
-/// pump sends the same shared `Bytes`. Dropping the publisher ends the stream.
+/// pump sends the same shared `Bytes`. [`finish`](Self::finish) ends the
+/// stream normally; [`fail`](Self::fail), or dropping the publisher without
+/// `finish` (an error path that returned early, a panic), ends it as failed:
+/// viewers get `Goodbye` with [`CloseCode::PublisherFailed`], so a broken
+/// source never looks like a complete stream.
 pub struct Publisher {
     name: String,
     encoder: Encoder,
@@ -856,27 +860,48 @@ impl Publisher {
     /// Ends the stream: viewers get EndOfStream after the last block, and the
     /// name can no longer be subscribed to.
     pub fn finish(mut self) {
-        self.end();
+        let last_seq = self.seq.saturating_sub(1);
+        self.end(Item::End { last_seq });
     }
 
-    fn end(&mut self) {
+    /// Ends the stream as failed: viewers get `Goodbye` with
+    /// [`CloseCode::PublisherFailed`] and `reason` (for example "reading
+    /// movie.ts: ..."), and the name can no longer be subscribed to.
+    pub fn fail(mut self, reason: impl Into<String>) {
+        self.end(Item::Failed {
+            reason: reason.into(),
+        });
+    }
+
+    fn end(&mut self, item: Item) {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
-        let last_seq = self.seq.saturating_sub(1);
-        let _ = self.tx.send(Item::End { last_seq });
+        let failed = matches!(item, Item::Failed { .. });
+        let _ = self.tx.send(item);
         self.shared
             .streams
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.name);
-        info!(stream = %self.name, blocks = self.seq, "stream finished");
+        if failed {
+            info!(stream = %self.name, blocks = self.seq, "stream failed");
+        } else {
+            info!(stream = %self.name, blocks = self.seq, "stream finished");
+        }
     }
 }
 
 impl Drop for Publisher {
     fn drop(&mut self) {
-        self.end();
+        // Not finished: the publisher's owner gave up on the stream, and
+        // may not know it (an early return, a panic).
+        if !self.finished {
+            warn!(stream = %self.name, blocks = self.seq, "publisher dropped without finish: viewers are told the stream failed");
+        }
+        self.end(Item::Failed {
+            reason: "publisher dropped without finishing the stream".into(),
+        });
     }
 }
 
@@ -1161,7 +1186,11 @@ async fn serve(
     };
     shared
         .analytics
-        .send(event(InputKind::Join { agent }), Some(feedback_tx))
+        .send(
+            event(InputKind::Join { agent }),
+            Some(feedback_tx),
+            Some(conn.remote_address()),
+        )
         .await;
     viewers.fetch_add(1, Relaxed);
     shared.counters.viewers.fetch_add(1, Relaxed);
@@ -1209,14 +1238,10 @@ async fn serve(
     }
     viewers.fetch_sub(1, Relaxed);
     shared.counters.viewers.fetch_sub(1, Relaxed);
-    let reason = match &result {
-        Err(ConnEnd::Closed { code, .. }) => code.name().to_string(),
-        Err(e) => e.to_string(),
-        Ok(()) => "closed".into(),
-    };
+    let reason = leave_reason(&result);
     shared
         .analytics
-        .send(event(InputKind::Leave { reason }), None)
+        .send(event(InputKind::Leave { reason }), None, None)
         .await;
     info!(remote = %conn.remote_address(), stream, "viewer left");
     result
@@ -1271,11 +1296,55 @@ impl Viewer {
     }
 }
 
+/// How a viewer's connection ended, in the words of the event log's Leave:
+/// "viewer left" for every clean end the viewer chose (Leave, a finished
+/// control stream, a close with code `normal`), else the code and reason.
+fn leave_reason(end: &Result<(), ConnEnd>) -> String {
+    let lost = |e: &quinn::ConnectionError| match e {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == CloseCode::Normal.varint() =>
+        {
+            "viewer left".to_string()
+        }
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let code = CloseCode::from_code(c.error_code.into_inner()).map_or_else(
+                || format!("{:#x}", c.error_code.into_inner()),
+                |c| c.name().into(),
+            );
+            format!(
+                "viewer closed: {code}: {}",
+                String::from_utf8_lossy(&c.reason)
+            )
+        }
+        quinn::ConnectionError::TimedOut => "idle timeout".into(),
+        e => format!("connection lost: {e}"),
+    };
+    match end {
+        Ok(()) => "viewer left".into(),
+        Err(ConnEnd::Closed {
+            code: CloseCode::Normal,
+            reason,
+        }) => reason.clone(),
+        Err(ConnEnd::Closed { code, reason }) => format!("{}: {reason}", code.name()),
+        Err(ConnEnd::Lost(e)) | Err(ConnEnd::Write(quinn::WriteError::ConnectionLost(e))) => {
+            lost(e)
+        }
+        Err(e) => e.to_string(),
+    }
+}
+
 fn frame_error(shared: &Shared, conn: &quinn::Connection, e: FrameError) -> ConnEnd {
     match e {
         // The viewer went away (or closed): no violation of ours to report.
         FrameError::Read(quinn::ReadError::ConnectionLost(e)) => ConnEnd::Lost(e),
-        FrameError::Read(e) => close(conn, CloseCode::ProtocolViolation, e.to_string()),
+        // A viewer may reset its own control stream to go away; the other
+        // read errors are local states, never something the viewer broke.
+        FrameError::Read(quinn::ReadError::Reset(code)) => close(
+            conn,
+            CloseCode::Normal,
+            format!("viewer reset its control stream (code {code})"),
+        ),
+        FrameError::Read(e) => close(conn, CloseCode::Normal, format!("control stream: {e}")),
         FrameError::Decode(e) => {
             shared.counters.control_errors.fetch_add(1, Relaxed);
             close(conn, CloseCode::for_decode_error(&e), e.to_string())
@@ -1484,6 +1553,12 @@ async fn pump(
                     queue(shared, conn, &ctl, ControlMessage::EndOfStream { last_seq })?;
                     linger = Some(tokio::time::Instant::now() + END_LINGER);
                 }
+                Ok(Item::Failed { reason }) => {
+                    let code = CloseCode::PublisherFailed;
+                    // As at shutdown: the writer sends it, the caller closes.
+                    queue(shared, conn, &ctl, ControlMessage::Goodbye { code: code.code(), reason: reason.clone() })?;
+                    return Err(ConnEnd::Closed { code, reason });
+                }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     shared.counters.blocks_skipped.fetch_add(n, Relaxed);
                     let offered = &mut viewer.offered;
@@ -1499,7 +1574,7 @@ async fn pump(
             msg = reader.next() => {
                 let msg = match msg {
                     Ok(Some(msg)) => msg,
-                    Ok(None) => return Err(close(conn, CloseCode::Normal, "viewer finished")),
+                    Ok(None) => return Err(close(conn, CloseCode::Normal, "viewer left")),
                     Err(e) => return Err(frame_error(shared, conn, e)),
                 };
                 if !limiter.take(Instant::now()) {

@@ -7,15 +7,31 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::util::{collect, publish, seed, TestServer, PACE};
 
-async fn get_metrics(addr: std::net::SocketAddr) -> String {
+/// One HTTP/1.1 request, `Connection: close`; the whole response.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .expect("response within 5 s")
+        .unwrap();
+    out
+}
+
+async fn get_metrics(addr: std::net::SocketAddr) -> String {
+    let out = http_get(addr, "/metrics").await;
     assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
-    out.split_once("\r\n\r\n").unwrap().1.to_string()
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.to_ascii_lowercase().contains(&format!(
+            "content-type: {}",
+            quicast::analytics::CONTENT_TYPE
+        )),
+        "{head}"
+    );
+    body.to_string()
 }
 
 /// `promtool check metrics` on `text`; None when promtool is not installed
@@ -73,7 +89,11 @@ async fn metrics_count_the_viewer_and_pass_promtool() {
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let metrics = tokio::spawn(quicast::net::serve_metrics(listener, srv.server.clone()));
+    // The server example's own endpoint (examples/common/metrics.rs).
+    let metrics = tokio::spawn(crate::examples::common::metrics::serve(
+        listener,
+        srv.server.clone(),
+    ));
     let publisher = srv.server.publish("live", None).unwrap();
     let pub_task = tokio::spawn(publish(publisher, 1, 100, PACE));
 
@@ -92,15 +112,23 @@ async fn metrics_count_the_viewer_and_pass_promtool() {
     assert!(body.contains("quicast_datagrams_sent_total"), "{body}");
     viewer.close();
     drop(viewer);
+    assert!(
+        body.contains(r#"quicast_qoe_score{stream="live"}"#),
+        "{body}"
+    );
     let body = wait_for_metric(addr, r#"quicast_viewers{stream="live"} 0"#).await;
     if let Some(problems) = promtool(&body) {
         assert_eq!(problems.trim(), "", "promtool: {problems}");
     }
-    // Anything but GET /metrics is refused.
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /other HTTP/1.1\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
+    // No viewer, no score: absent, not a 0 that reads as quality collapsing.
+    assert!(!body.contains("quicast_qoe_score{"), "{body}");
+    // The endpoint's text is the library's.
+    assert!(srv
+        .server
+        .metrics_text()
+        .contains("# TYPE quicast_qoe_score gauge"));
+    // Only /metrics is served.
+    let out = http_get(addr, "/other").await;
     assert!(out.starts_with("HTTP/1.1 404"), "{out}");
     pub_task.abort();
     metrics.abort();
