@@ -79,6 +79,15 @@ struct Args {
     /// Exit 0 once the input has ended and every viewer has been told.
     #[arg(long)]
     exit_at_end: bool,
+    /// Also publish viewer events to NATS JetStream at this URL (e.g. nats://127.0.0.1:4222).
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+    /// Deployment name: events go to subject quicast.<NAME>.events.<stream>.
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    deployment: String,
+    /// This server's id in its NATS events (the aggregator's `server` label).
+    #[arg(long, value_name = "ID", default_value = quicast::config::DEFAULT_SERVER_ID)]
+    server_id: String,
     #[command(flatten)]
     impair: common::ImpairArgs,
 }
@@ -134,6 +143,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .parity(args.parity)
         .event_log(args.events.clone())
         .token(args.token.clone().map(Bytes::from));
+    config
+        .nats(args.nats.clone(), &args.deployment)?
+        .server_id(&args.server_id)?;
     let server = match args.impair.socket(args.listen)? {
         Some(socket) => Server::bind_socket(config, socket),
         None => Server::bind(config),

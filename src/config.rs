@@ -22,6 +22,8 @@ pub const DEFAULT_MIN_WINDOW: u64 = 0;
 pub const DEFAULT_EVENT_LOG_MAX_BYTES: u64 = 64 << 20;
 /// Default rotated event log files kept (`PATH.1` .. `PATH.3`).
 pub const DEFAULT_EVENT_LOG_KEEP: usize = 3;
+/// Default [`ServerConfig::server_id`].
+pub const DEFAULT_SERVER_ID: &str = "server";
 /// Default analytics queue, in events.
 pub const DEFAULT_ANALYTICS_QUEUE: usize = 4096;
 /// Default limit on admitted viewers (connections past Hello).
@@ -175,6 +177,9 @@ pub struct ServerConfig {
     pub(crate) event_log: Option<PathBuf>,
     pub(crate) event_log_max_bytes: u64,
     pub(crate) event_log_keep: usize,
+    pub(crate) nats: Option<(String, crate::analytics::deployment::Names)>,
+    pub(crate) server_id: String,
+    pub(crate) nats_buffer: usize,
 }
 
 impl ServerConfig {
@@ -211,6 +216,9 @@ impl ServerConfig {
             event_log: None,
             event_log_max_bytes: DEFAULT_EVENT_LOG_MAX_BYTES,
             event_log_keep: DEFAULT_EVENT_LOG_KEEP,
+            nats: None,
+            server_id: DEFAULT_SERVER_ID.into(),
+            nats_buffer: crate::analytics::deployment::DEFAULT_OUTBOX_LIMIT,
         }
     }
 
@@ -260,6 +268,54 @@ impl ServerConfig {
     pub fn event_log_rotation(&mut self, max_bytes: u64, keep: usize) -> &mut Self {
         self.event_log_max_bytes = max_bytes.max(4096);
         self.event_log_keep = keep;
+        self
+    }
+
+    /// Also publishes every accepted analytics event to NATS JetStream at `url` (e.g.
+    /// `nats://10.0.0.5:4222`), for one view of a deployment of several servers (see
+    /// [`NatsAggregator`](crate::net::NatsAggregator)). Default `None`: off; the local
+    /// [`event_log`](Self::event_log) is the record for one machine.
+    ///
+    /// Events go to subject `quicast.<deployment>.events.<stream>` in the JetStream stream
+    /// `QUICAST_<deployment>` (created if missing), one JSON event-log line with the
+    /// [`server_id`](Self::server_id) added, with a `Nats-Msg-Id` of
+    /// `server:run:sequence` (see [`deployment`](crate::analytics::deployment)). Publishing
+    /// never slows the server: while NATS is unreachable events wait in a buffer of
+    /// [`nats_buffer`](Self::nats_buffer) events and are resent once it is back; drops are
+    /// counted (`quicast_nats_dropped_total`). [`Server::shutdown`](crate::Server::shutdown)
+    /// waits up to its grace for the buffer to be acknowledged. `deployment` must be 1 to
+    /// 64 characters of `[A-Za-z0-9_-]`.
+    pub fn nats(
+        &mut self,
+        url: Option<String>,
+        deployment: &str,
+    ) -> Result<&mut Self, crate::analytics::deployment::NameError> {
+        self.nats = match url {
+            Some(url) => Some((url, crate::analytics::deployment::Names::new(deployment)?)),
+            None => None,
+        };
+        Ok(self)
+    }
+
+    /// This server's id in its events on NATS (the `server` label of the aggregator's
+    /// metrics). Default [`DEFAULT_SERVER_ID`]; give each server of a deployment its own
+    /// (1 to 64 characters of `[A-Za-z0-9_-]`). Two servers with one id are counted as one
+    /// server with two runs.
+    pub fn server_id(
+        &mut self,
+        id: &str,
+    ) -> Result<&mut Self, crate::analytics::deployment::NameError> {
+        crate::analytics::deployment::check_name("server id", id)?;
+        self.server_id = id.into();
+        Ok(self)
+    }
+
+    /// Events kept while NATS is unreachable (default
+    /// [`DEFAULT_OUTBOX_LIMIT`](crate::analytics::deployment::DEFAULT_OUTBOX_LIMIT), about
+    /// 16 MiB). More rides out a longer outage; past it new events are dropped and counted
+    /// (`quicast_nats_dropped_total{reason="buffer_full"}`).
+    pub fn nats_buffer(&mut self, events: usize) -> &mut Self {
+        self.nats_buffer = events.max(1);
         self
     }
 

@@ -89,6 +89,11 @@ impl AggregatorConfig {
         self
     }
 
+    /// The viewer cap set by [`max_viewers`](Self::max_viewers).
+    pub(crate) fn viewer_cap(&self) -> usize {
+        self.max_viewers
+    }
+
     /// The model behind viewer QoE scores.
     pub fn qoe(&mut self, value: QoeModel) -> &mut Self {
         self.qoe = value;

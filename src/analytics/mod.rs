@@ -41,6 +41,7 @@
 //! [`Summary`]: crate::wire::Summary
 
 mod aggregator;
+pub mod deployment;
 mod event;
 mod metrics;
 mod policy;
@@ -52,6 +53,7 @@ mod window;
 pub use aggregator::{
     Aggregator, AggregatorConfig, DEFAULT_MAX_STREAMS, DEFAULT_MAX_VIEWERS, DEFAULT_REFERENCE_K,
 };
+pub use deployment::DeploymentAggregator;
 pub use event::{Input, InputKind, LogRecord};
 pub use metrics::{render, Metric, MetricKind, CONTENT_TYPE};
 pub use policy::{

@@ -132,6 +132,7 @@ pub(crate) fn pipeline(
     aggregator: Aggregator,
     capacity: usize,
     log: Option<LogConfig>,
+    nats: Option<super::nats::Tap>,
 ) -> (
     Pipeline,
     impl std::future::Future<Output = ()> + Send + 'static,
@@ -145,7 +146,7 @@ pub(crate) fn pipeline(
         logged: logged.clone(),
         errors: log_errors.clone(),
     };
-    let task = drain(aggregator.clone(), rx, log, counts, done_tx);
+    let task = drain(aggregator.clone(), rx, log, counts, done_tx, nats);
     (
         Pipeline {
             tx,
@@ -308,6 +309,7 @@ async fn drain(
     log: Option<LogConfig>,
     counts: LogCounts,
     done: watch::Sender<bool>,
+    nats: Option<super::nats::Tap>,
 ) {
     let mut log = match log {
         Some(config) => Some(LogWriter::open(config).await),
@@ -351,7 +353,7 @@ async fn drain(
                 if let Some(peer) = peer {
                     peers.insert(input.viewer, peer);
                 }
-                if log.is_some() {
+                if log.is_some() || nats.is_some() {
                     let peer = match input.kind {
                         InputKind::Join { .. } | InputKind::Leave { .. } => {
                             peers.get(&input.viewer).copied()
@@ -365,11 +367,17 @@ async fn drain(
                         peer,
                         input: std::borrow::Cow::Borrowed(&input),
                     };
-                    if serde_json::to_writer(&mut lines, &record).is_ok() {
-                        lines.push(b'\n');
-                        pending_lines += 1;
-                    } else {
-                        counts.errors.fetch_add(1, Relaxed);
+                    // Every applied event goes to NATS too, without waiting.
+                    if let Some(tap) = &nats {
+                        tap.offer(&record);
+                    }
+                    if log.is_some() {
+                        if serde_json::to_writer(&mut lines, &record).is_ok() {
+                            lines.push(b'\n');
+                            pending_lines += 1;
+                        } else {
+                            counts.errors.fetch_add(1, Relaxed);
+                        }
                     }
                 }
                 match input.kind {
@@ -415,6 +423,8 @@ async fn drain(
     }
     // Every batch was flushed as it was written: nothing is left to lose.
     drop(log);
+    // The NATS publisher sees the end of its input and flushes what it holds.
+    drop(nats);
     done.send_replace(true);
 }
 

@@ -10,10 +10,12 @@ mod analytics;
 mod cc;
 mod client;
 mod control;
+pub mod nats;
 mod server;
 mod signal;
 pub mod tls;
 
 pub use client::{Client, Subscription};
+pub use nats::{NatsAggregator, NatsAggregatorConfig, NatsAggregatorStats, NatsStats};
 pub use server::{Publisher, Server, ServerStats};
 pub use signal::{Signal, Signals, Stopped};

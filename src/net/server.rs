@@ -241,6 +241,8 @@ struct Shared {
     admission: Arc<Admission>,
     shutdown: watch::Sender<bool>,
     analytics: Pipeline,
+    /// The NATS publisher, when configured.
+    nats: Option<super::nats::NatsPublisher>,
     /// The analytics task, until `run` takes it to drive it.
     analytics_task: Mutex<Option<Task>>,
 }
@@ -316,6 +318,18 @@ impl Server {
         policy.max_ratio(config.fec.redundancy());
         let mut analytics = config.analytics.clone();
         analytics.policy(policy.clone());
+        let (tap, nats, nats_task) = match &config.nats {
+            Some((url, names)) => {
+                let (tap, nats, task) = super::nats::publisher(super::nats::NatsSettings {
+                    url: url.clone(),
+                    names: names.clone(),
+                    server_id: config.server_id.clone(),
+                    buffer: config.nats_buffer,
+                });
+                (Some(tap), Some(nats), Some(task))
+            }
+            None => (None, None, None),
+        };
         let (analytics, task) = pipeline(
             Aggregator::new(analytics),
             config.analytics_queue,
@@ -327,7 +341,15 @@ impl Server {
                     max_bytes: config.event_log_max_bytes,
                     keep: config.event_log_keep,
                 }),
+            tap,
         );
+        // The NATS publisher runs beside the analytics task, driven by `run`.
+        let task = async move {
+            match nats_task {
+                Some(n) => drop(tokio::join!(task, n)),
+                None => task.await,
+            }
+        };
         Ok(Server {
             endpoint,
             shared: Arc::new(Shared {
@@ -348,6 +370,7 @@ impl Server {
                 connections: AtomicUsize::new(0),
                 shutdown,
                 analytics,
+                nats,
                 analytics_task: Mutex::new(Some(Box::pin(task))),
             }),
         })
@@ -684,7 +707,15 @@ impl Server {
                 extra.push(labelled(name, help, kind, label, value, n));
             }
         }
+        if let Some(nats) = &self.shared.nats {
+            extra.extend(nats.metrics());
+        }
         crate::analytics::render(&snapshot, &extra)
+    }
+
+    /// What the NATS publisher has done, when [`ServerConfig::nats`] is set.
+    pub fn nats_stats(&self) -> Option<super::nats::NatsStats> {
+        self.shared.nats.as_ref().map(|n| n.stats())
     }
 
     /// Accepts and serves connections until [`shutdown`](Self::shutdown).
@@ -738,6 +769,9 @@ impl Server {
             tasks.abort_all();
             // Their Leave events are queued by now: apply them and flush the log.
             shared.analytics.close(Duration::from_secs(2)).await;
+            if let Some(nats) = &shared.nats {
+                nats.flush(Duration::from_secs(2)).await;
+            }
             aux.abort_all();
         }
     }
@@ -760,6 +794,9 @@ impl Server {
         .await;
         // Every accepted event is applied and logged before this returns.
         self.shared.analytics.close(grace).await;
+        if let Some(nats) = &self.shared.nats {
+            nats.flush(grace).await;
+        }
         self.endpoint
             .close(CloseCode::Shutdown.varint(), b"server shutting down");
         let _ = tokio::time::timeout(grace, self.endpoint.wait_idle()).await;

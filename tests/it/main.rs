@@ -5,6 +5,7 @@ mod bad_input;
 mod examples;
 mod faults;
 mod impair;
+mod nats;
 mod props;
 mod transport;
 mod util;
