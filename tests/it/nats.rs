@@ -379,7 +379,9 @@ async fn the_aggregator_applies_each_event_once_in_order_and_skips_junk() {
         }
     };
     let line = |kind: &str| {
-        format!(r#"{{"server":"x","at_ms":1000,"viewer":1,"stream":"live","kind":{kind}}}"#)
+        format!(
+            r#"{{"server":"x","unix_ms":1764700000000,"at_ms":1000,"viewer":1,"stream":"live","kind":{kind}}}"#
+        )
     };
     let join = line(r#"{"type":"join","agent":"t"}"#);
     publish(Some("x:1:1"), join.clone()).await;
