@@ -7,5 +7,6 @@ mod faults;
 mod impair;
 mod nats;
 mod props;
+mod recovery;
 mod transport;
 mod util;
