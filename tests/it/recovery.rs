@@ -291,4 +291,3 @@ fn iid_loss_is_covered_by_parity_alone_below_one_round_trip() {
         floor + 0.03,
     );
 }
-
