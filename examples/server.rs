@@ -152,11 +152,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     .with_context(|| format!("listening on {}", args.listen))?;
     let mut publisher = server.publish(&args.stream, None)?;
+    // A pipe is read as fast as its source writes: no bitrate applies.
+    let pace = match args.input.as_deref() {
+        Some("-") => "as the input comes".to_owned(),
+        _ => format!("{} kbit/s", args.bitrate / 1000),
+    };
     eprintln!(
-        "quicast server on {} stream {:?} ({} kbit/s, {} byte blocks)",
+        "quicast server on {} stream {:?} ({pace}, {} byte blocks)",
         server.local_addr()?,
         args.stream,
-        args.bitrate / 1000,
         args.block_size
     );
     let driver = tokio::spawn(server.run());
