@@ -312,6 +312,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         stats.events_logged,
         stats.events_log_errors,
     );
+    if let Some(n) = server.nats_stats() {
+        eprintln!(
+            "NATS: {} events published, {} still unsent at exit, {} dropped (queue or buffer full), {} errors",
+            n.published,
+            n.dropped_unsent,
+            n.dropped_queue_full + n.dropped_buffer_full,
+            n.errors
+        );
+    }
     Ok(())
 }
 

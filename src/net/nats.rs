@@ -57,6 +57,10 @@ use crate::analytics::{
     AggregatorConfig, DeploymentAggregator, LogRecord, Metric, MetricKind, Snapshot,
 };
 
+/// How long the first connection may take before the server says NATS is
+/// unreachable.
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(2);
+
 /// Default events the channel from the analytics task to the publisher holds.
 pub const DEFAULT_NATS_QUEUE: usize = 4_096;
 /// Events published before waiting for their acknowledgments.
@@ -301,13 +305,21 @@ async fn client(url: &str, connected: Option<Arc<AtomicBool>>) -> Option<async_n
             Duration::from_millis(50 * attempts.min(20) as u64).min(MAX_BACKOFF)
         });
     if let Some(flag) = connected {
+        let shown = url.to_owned();
         options = options.event_callback(move |event| {
-            let flag = flag.clone();
+            let (flag, url) = (flag.clone(), shown.clone());
             async move {
                 match event {
-                    async_nats::Event::Connected => flag.store(true, Relaxed),
+                    async_nats::Event::Connected => {
+                        flag.store(true, Relaxed);
+                        info!(url, "NATS: connected");
+                    }
                     async_nats::Event::Disconnected | async_nats::Event::Closed => {
-                        flag.store(false, Relaxed)
+                        flag.store(false, Relaxed);
+                        warn!(
+                            url,
+                            "NATS: disconnected; events are buffered and resent once it is back"
+                        );
                     }
                     _ => {}
                 }
@@ -422,6 +434,20 @@ async fn publish_task(
         done.send_replace(true);
         return;
     };
+    if !counters.connected.load(Relaxed) {
+        // The first connection is retried in the background and raises no
+        // event until it succeeds: say once that events wait for it.
+        let (url, connected) = (settings.url.clone(), counters.connected.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(UNREACHABLE_AFTER).await;
+            if !connected.load(Relaxed) {
+                warn!(
+                    url,
+                    "NATS: unreachable; events are buffered and sent once it answers"
+                );
+            }
+        });
+    }
     let js = jetstream::ContextBuilder::new()
         .timeout(REQUEST_TIMEOUT)
         .build(client);
