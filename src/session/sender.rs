@@ -58,6 +58,9 @@ const ANSWER_STRIDE: u64 = 4;
 /// ...unless waiting for the stream would leave a shard this close to its
 /// `leave_by`.
 const ANSWER_FORCE: Duration = Duration::from_millis(6);
+/// Repair shards looked at per poll, from the earliest: a viewer asking for
+/// everything costs the server a bounded scan, not one over its whole queue.
+const ANSWER_SCAN: usize = 64;
 use super::MAX_ANSWER_SPACING;
 
 /// Shards an answer carries beyond the policy's margin, which assumes
@@ -650,6 +653,7 @@ impl Sender {
         let repair = if self.next_repair.is_none_or(|t| t <= now) {
             self.repairs
                 .iter()
+                .take(ANSWER_SCAN)
                 .take_while(|q| q.at <= now)
                 .position(|q| self.repair_ready_at(q) <= now)
         } else {
@@ -801,7 +805,12 @@ impl Sender {
         let need = head.datagram.len() as f64 - self.tokens;
         let pacer = (need > 0.0).then(|| now + Duration::from_secs_f64(need / self.pace_rate()));
         let repair = if self.queue.is_empty() {
-            let first = self.repairs.iter().map(|q| self.repair_ready_at(q)).min();
+            let first = self
+                .repairs
+                .iter()
+                .take(ANSWER_SCAN)
+                .map(|q| self.repair_ready_at(q))
+                .min();
             first.max(self.next_repair).filter(|t| *t > now)
         } else {
             None
