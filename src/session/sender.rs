@@ -58,6 +58,10 @@ const ANSWER_STRIDE: u64 = 4;
 /// ...unless waiting for the stream would leave a shard this close to its
 /// `leave_by`.
 const ANSWER_FORCE: Duration = Duration::from_millis(6);
+/// Longest a repair shard waits for its stride: about one block interval of
+/// a typical stream (21 KB at 8 Mbit/s), so it meets the next block's shards;
+/// a stream of rare large blocks is not waited for.
+const ANSWER_STRIDE_WAIT: Duration = Duration::from_millis(25);
 /// Repair shards looked at per poll, from the earliest: a viewer asking for
 /// everything costs the server a bounded scan, not one over its whole queue.
 const ANSWER_SCAN: usize = 64;
@@ -774,7 +778,8 @@ impl Sender {
 
     /// The earliest repair shard `q` may leave: its own time once
     /// its answer's stride of datagrams (at most [`ANSWER_STRIDE`]) has left
-    /// since the previous shard of its answer, otherwise [`ANSWER_FORCE`] before its `leave_by`.
+    /// since the previous shard of its answer, otherwise at most
+    /// [`ANSWER_STRIDE_WAIT`] later and never later than its `leave_by` allows.
     fn repair_ready_at(&self, q: &Queued) -> Instant {
         let group = self
             .retained
@@ -784,10 +789,12 @@ impl Sender {
         let Some(g) = group else { return q.at };
         match g.last_answer.map(|n| n + u64::from(g.stride)) {
             Some(n) if self.stats.datagrams < n => {
-                // Late enough that the shards still queued leave a repair
+                // Not longer than about one block of a typical stream, and
+                // early enough that the shards still queued leave a repair
                 // spacing apart before `leave_by`.
                 let lead = ANSWER_FORCE + self.config.repair_spacing * 2 * u32::from(g.queued);
-                q.at.max(q.leave_by.checked_sub(lead).unwrap_or(q.leave_by))
+                let forced = q.leave_by.checked_sub(lead).unwrap_or(q.leave_by);
+                q.at.max(forced.min(q.at + ANSWER_STRIDE_WAIT))
             }
             _ => q.at,
         }
@@ -1220,6 +1227,37 @@ mod tests {
         let idx: Vec<u8> = got.iter().map(|h| h.index).collect();
         assert_eq!(&idx[..4], &[0, 1, 2, 3], "{idx:?}");
         assert!(idx.len() >= 5, "deficit plus margin: {idx:?}");
+    }
+
+    /// With a long budget and no stream to ride (rare large blocks), an
+    /// answer is not held back until just before its block's deadline.
+    #[test]
+    fn an_answer_does_not_wait_long_for_a_stream_to_ride() {
+        let mut enc = encoder(0.5);
+        let t0 = Instant::now();
+        let mut s = settled(2_000, 0.05);
+        s.push_block(t0, block(&mut enc, 0, 21_056), t0);
+        drain(&mut s, t0);
+        let t = t0 + Duration::from_millis(30);
+        let held = (0..20u8).filter(|i| !(3..9).contains(i));
+        s.handle_repair(t, &[request(0, 0, 0, held)]);
+        let mut now = t;
+        let mut last = t;
+        let mut got = 0;
+        while let Some(next) = s.poll_timeout(now) {
+            now = next.max(now + Duration::from_micros(10));
+            let n = drain(&mut s, now).len();
+            if n > 0 {
+                got += n;
+                last = now;
+            }
+        }
+        assert!(got >= 6, "{got}");
+        assert!(
+            last - t < Duration::from_millis(300),
+            "the answer took {:?}",
+            last - t
+        );
     }
 
     /// A smoothed RTT inflated past the budget (acknowledgments lost for a
