@@ -653,6 +653,12 @@ impl Receiver {
         self.decoder.stats()
     }
 
+    /// Payload bytes the decoder holds now, never above its
+    /// [`max_buffered_bytes`](crate::fec::DecoderConfig::max_buffered_bytes).
+    pub fn buffered_bytes(&self) -> usize {
+        self.decoder.buffered_bytes()
+    }
+
     /// A [`Report`] for the server: cumulative counters plus latency and bitrate
     /// over the interval since the previous report, which this starts anew.
     pub fn report(&mut self, now: Instant) -> Report {

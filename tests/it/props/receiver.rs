@@ -382,10 +382,12 @@ impl Run {
                 self.ended
             ));
         }
-        if self.shadow.buffered_bytes() > self.max_buffered {
+        // The receiver's own decoder, not the shadow: the bound is the
+        // receiver's promise.
+        if self.rx.buffered_bytes() > self.max_buffered {
             return Err(format!(
-                "decoder holds {} bytes, limit {}",
-                self.shadow.buffered_bytes(),
+                "receiver holds {} bytes, limit {}",
+                self.rx.buffered_bytes(),
                 self.max_buffered
             ));
         }
