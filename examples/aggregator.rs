@@ -16,7 +16,6 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context;
-use axum::{http::header, routing::get, Router};
 use clap::Parser;
 use quicast::net::{NatsAggregator, NatsAggregatorConfig};
 
@@ -60,19 +59,9 @@ async fn main() -> anyhow::Result<()> {
         listener.local_addr()?
     );
     let metrics = agg.clone();
-    let app = Router::new().route(
-        "/metrics",
-        get(move || {
-            let agg = metrics.clone();
-            async move {
-                (
-                    [(header::CONTENT_TYPE, quicast::analytics::CONTENT_TYPE)],
-                    agg.metrics_text(),
-                )
-            }
-        }),
-    );
-    let http = tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = tokio::spawn(common::metrics::serve(listener, move || {
+        metrics.metrics_text()
+    }));
 
     if args.every > 0 {
         let printer = agg.clone();

@@ -168,7 +168,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
         let server = server.clone();
         tokio::spawn(async move {
-            if let Err(e) = common::metrics::serve(listener, server).await {
+            if let Err(e) = common::metrics::serve(listener, move || server.metrics_text()).await {
                 eprintln!("metrics endpoint stopped: {e}");
             }
         });

@@ -882,13 +882,12 @@ impl NatsAggregator {
         // Order and duplicates are settled per server run by the message id, not by the
         // stream sequence: a message delivered to a pull that was lost comes back after
         // the ones behind it, and must still be applied.
-        match (id, record) {
-            // The wall clock orders events across servers; a message without it is not
-            // one a quicast server wrote.
-            (Some(id), Some(record))
-                if record.server == id.server && record.record.unix_ms.is_some() =>
-            {
-                let at = s.clock.event(record.record.unix_ms.unwrap_or_default());
+        // The wall clock orders events across servers; a message without it is not
+        // one a quicast server wrote.
+        let wall = record.as_ref().and_then(|r| r.record.unix_ms);
+        match (id, record, wall) {
+            (Some(id), Some(record), Some(unix_ms)) if record.server == id.server => {
+                let at = s.clock.event(unix_ms);
                 s.agg.apply(&id, record.record.input.into_owned(), at);
             }
             _ => s.agg.malformed(),

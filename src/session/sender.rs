@@ -557,10 +557,7 @@ impl Sender {
     }
 
     fn answer(&mut self, now: Instant, e: &RepairEntry) {
-        let Ok(i) = self
-            .retained
-            .binary_search_by_key(&e.seq, |r| r.block.seq())
-        else {
+        let Some(i) = self.retained_index(e.seq) else {
             self.stats.repairs_expired += 1;
             return;
         };
@@ -768,11 +765,21 @@ impl Sender {
         }
     }
 
-    fn group_mut(&mut self, seq: u64, group: u8) -> Option<&mut GroupSent> {
-        let i = self
-            .retained
+    /// Where block `seq` is in `retained` (kept in sequence order).
+    fn retained_index(&self, seq: u64) -> Option<usize> {
+        self.retained
             .binary_search_by_key(&seq, |r| r.block.seq())
-            .ok()?;
+            .ok()
+    }
+
+    fn group(&self, seq: u64, group: u8) -> Option<&GroupSent> {
+        self.retained[self.retained_index(seq)?]
+            .groups
+            .get(usize::from(group))
+    }
+
+    fn group_mut(&mut self, seq: u64, group: u8) -> Option<&mut GroupSent> {
+        let i = self.retained_index(seq)?;
         self.retained[i].groups.get_mut(usize::from(group))
     }
 
@@ -781,12 +788,9 @@ impl Sender {
     /// since the previous shard of its answer, otherwise at most
     /// [`ANSWER_STRIDE_WAIT`] later and never later than its `leave_by` allows.
     fn repair_ready_at(&self, q: &Queued) -> Instant {
-        let group = self
-            .retained
-            .binary_search_by_key(&q.seq, |r| r.block.seq())
-            .ok()
-            .and_then(|i| self.retained[i].groups.get(usize::from(q.group)));
-        let Some(g) = group else { return q.at };
+        let Some(g) = self.group(q.seq, q.group) else {
+            return q.at;
+        };
         match g.last_answer.map(|n| n + u64::from(g.stride)) {
             Some(n) if self.stats.datagrams < n => {
                 // Not longer than about one block of a typical stream, and

@@ -5,7 +5,7 @@ use std::time::Duration;
 use quicast::Event;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::util::{collect, publish, seed, TestServer, PACE};
+use crate::util::{collect, promtool, publish, seed, TestServer, PACE};
 
 /// One HTTP/1.1 request, `Connection: close`; the whole response.
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
@@ -34,39 +34,6 @@ async fn get_metrics(addr: std::net::SocketAddr) -> String {
     body.to_string()
 }
 
-/// `promtool check metrics` on `text`; None when promtool is not installed
-/// (CI installs it, and there its absence fails the test).
-fn promtool(text: &str) -> Option<String> {
-    use std::io::Write;
-    let child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(_) if std::env::var_os("CI").is_none() => {
-            eprintln!("promtool not installed: format check skipped (apt-get install prometheus)");
-            return None;
-        }
-        Err(e) => panic!("promtool is required in CI: {e}"),
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "promtool failed: {out:?}");
-    Some(format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    ))
-}
-
 async fn wait_for_metric(addr: std::net::SocketAddr, line: &str) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -90,9 +57,10 @@ async fn metrics_count_the_viewer_and_pass_promtool() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     // The server example's own endpoint (examples/common/metrics.rs).
+    let server = srv.server.clone();
     let metrics = tokio::spawn(crate::examples::common::metrics::serve(
         listener,
-        srv.server.clone(),
+        move || server.metrics_text(),
     ));
     let publisher = srv.server.publish("live", None).unwrap();
     let pub_task = tokio::spawn(publish(publisher, 1, 100, PACE));

@@ -8,7 +8,7 @@ use std::{
 
 use quicast::net::{NatsAggregator, NatsAggregatorConfig};
 
-use crate::util::{block, collect, TestServer};
+use crate::util::{block, collect, promtool, TestServer};
 
 /// A `nats-server -js` on a loopback port of its own, with its own store directory.
 struct NatsServer {
@@ -108,33 +108,6 @@ impl Drop for NatsServer {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// `promtool check metrics` on `text` when promtool is installed (CI installs it).
-fn promtool(text: &str) {
-    use std::io::Write;
-    let child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(_) if std::env::var_os("CI").is_none() => {
-            println!("promtool not installed: format check skipped (apt-get install prometheus)");
-            return;
-        }
-        Err(e) => panic!("promtool is required in CI: {e}"),
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "promtool failed: {out:?}\n{text}");
 }
 
 fn aggregator(url: &str) -> (NatsAggregator, tokio::task::JoinHandle<()>) {
@@ -246,7 +219,7 @@ async fn three_servers_count_exactly_across_nats_and_aggregator_restarts() {
         agg.stats().stream_sequence > before_outage + buffered
     })
     .await;
-    promtool(&servers[0].server.metrics_text());
+    let _ = promtool(&servers[0].server.metrics_text());
     agg_task.abort();
     let before_restart = agg.stats();
     let (agg, agg_task) = aggregator(&url);
@@ -338,7 +311,7 @@ async fn three_servers_count_exactly_across_nats_and_aggregator_restarts() {
         stats.received >= total,
         "the restarted aggregator replayed the whole stream"
     );
-    promtool(&agg.metrics_text());
+    let _ = promtool(&agg.metrics_text());
     agg_task.abort();
     assert!(started.elapsed() < Duration::from_secs(60));
 }
@@ -564,7 +537,7 @@ async fn server_and_aggregator_examples_show_the_viewer_by_server() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    promtool(&body);
+    let _ = promtool(&body);
     let status = tokio::task::block_in_place(|| client.0.wait().unwrap());
     assert!(status.success(), "client exited with {status}");
     // The client left: its Leave reaches the aggregator too.

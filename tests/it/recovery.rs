@@ -10,7 +10,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap},
+    collections::{BinaryHeap, HashMap, HashSet},
     time::{Duration, Instant},
 };
 
@@ -58,6 +58,17 @@ struct Outcome {
     sender: Option<quicast::session::SenderStats>,
 }
 
+/// Datagrams in flight, by arrival: (at, tie-break, datagram).
+type InFlight = BinaryHeap<Reverse<(Instant, u64, Bytes)>>;
+
+/// The next datagram of `heap` that has arrived by `now`.
+fn pop_due(heap: &mut InFlight, now: Instant) -> Option<Bytes> {
+    if heap.peek()?.0 .0 > now {
+        return None;
+    }
+    heap.pop().map(|Reverse((_, _, d))| d)
+}
+
 /// One viewer for `blocks` blocks at `budget` on `model` (both directions).
 fn run(model: LossModel, budget: Duration, blocks: u64, seed: u64) -> Outcome {
     let t0 = Instant::now();
@@ -81,9 +92,8 @@ fn run(model: LossModel, budget: Duration, blocks: u64, seed: u64) -> Outcome {
     let interval = Duration::from_secs_f64(BLOCK as f64 * 8.0 / BITRATE);
     let payload = vec![0x47u8; BLOCK];
     let mut published: HashMap<u64, Instant> = HashMap::new();
-    // In flight, by arrival: (at, tie-break, datagram).
-    let mut to_viewer: BinaryHeap<Reverse<(Instant, u64, Bytes)>> = BinaryHeap::new();
-    let mut to_server: BinaryHeap<Reverse<(Instant, u64, Bytes)>> = BinaryHeap::new();
+    let mut to_viewer = InFlight::new();
+    let mut to_server = InFlight::new();
     let mut order = 0u64;
     let mut next_block = 0u64;
     let mut received = 0u64;
@@ -91,7 +101,7 @@ fn run(model: LossModel, budget: Duration, blocks: u64, seed: u64) -> Outcome {
     let mut entries = Vec::new();
     let mut out = Outcome::default();
     let mut traces: HashMap<(u64, u8), Trace> = HashMap::new();
-    let mut delivered: HashMap<u64, bool> = HashMap::new();
+    let mut delivered: HashSet<u64> = HashSet::new();
     let mut now = t0;
     let end = t0 + interval * blocks as u32 + budget + Duration::from_secs(1);
     // Bounded in steps as well as in simulated time.
@@ -137,11 +147,7 @@ fn run(model: LossModel, budget: Duration, blocks: u64, seed: u64) -> Outcome {
                 to_viewer.push(Reverse((at, order, d)));
             }
         }
-        while let Some(Reverse((at, _, _))) = to_viewer.peek() {
-            if *at > now {
-                break;
-            }
-            let Reverse((_, _, d)) = to_viewer.pop().unwrap();
+        while let Some(d) = pop_due(&mut to_viewer, now) {
             receiver.handle_datagram(now, d);
             received += 1;
             if received % 2 == 0 {
@@ -161,11 +167,7 @@ fn run(model: LossModel, budget: Duration, blocks: u64, seed: u64) -> Outcome {
                 to_server.push(Reverse((at, order, req)));
             }
         }
-        while let Some(Reverse((at, _, _))) = to_server.peek() {
-            if *at > now {
-                break;
-            }
-            let Reverse((_, _, d)) = to_server.pop().unwrap();
+        while let Some(d) = pop_due(&mut to_server, now) {
             if wire::decode_repair(&mut &d[..], &mut entries).is_ok() {
                 for e in &entries {
                     traces.entry((e.seq, e.group)).or_default().asks_arrived += 1;
@@ -180,7 +182,7 @@ fn run(model: LossModel, budget: Duration, blocks: u64, seed: u64) -> Outcome {
                     .is_some_and(|&p| now.duration_since(p) <= budget)
                 {
                     out.on_time += 1;
-                    delivered.insert(seq, true);
+                    delivered.insert(seq);
                 }
             }
         }
@@ -206,7 +208,7 @@ fn run(model: LossModel, budget: Duration, blocks: u64, seed: u64) -> Outcome {
     }
     let mut lost: Vec<_> = traces
         .iter()
-        .filter(|((seq, _), _)| !delivered.contains_key(seq))
+        .filter(|((seq, _), _)| !delivered.contains(seq))
         .map(|(key, t)| (*key, *t))
         .collect();
     lost.sort_by_key(|(key, _)| *key);

@@ -158,3 +158,36 @@ pub fn seed() -> u64 {
     println!("seed {seed} (replay with QUICAST_SEED={seed})");
     seed
 }
+
+/// `promtool check metrics` on `text`; None when promtool is not installed
+/// (CI installs it, and there its absence fails the test).
+pub fn promtool(text: &str) -> Option<String> {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(_) if std::env::var_os("CI").is_none() => {
+            eprintln!("promtool not installed: format check skipped (apt-get install prometheus)");
+            return None;
+        }
+        Err(e) => panic!("promtool is required in CI: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "promtool failed: {out:?}");
+    Some(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
