@@ -172,6 +172,7 @@ async fn open(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<Link,
         agent: config.agent.clone(),
         latency_ms: (config.latency.as_millis() as u64).clamp(1, wire::MAX_LATENCY_MS),
     };
+    let hello_at = Instant::now();
     if let Err(e) = control::write(&mut send, &hello).await {
         return Err(write_error(&conn, e));
     }
@@ -200,11 +201,16 @@ async fn open(endpoint: &quinn::Endpoint, config: &ClientConfig) -> Result<Link,
             )))
         }
     };
-    debug!(stream_id, rtt = ?conn.rtt(), "welcome");
+    // Hello and Welcome are a round trip of their own. quinn's smoothed RTT
+    // can be far above it for seconds after a handshake packet was lost (its
+    // first sample then includes the retransmission timeout); the exchange
+    // itself is inflated only if Hello or Welcome was.
+    let rtt = conn.rtt().min(read_at.saturating_duration_since(hello_at));
+    debug!(stream_id, ?rtt, quinn_rtt = ?conn.rtt(), "welcome");
     // Only the initial estimate: Welcome left the server half an RTT ago if
     // the path is symmetric and Welcome was not retransmitted. The receiver
     // corrects it from the datagrams' one-way offsets (see `Receiver::set_clock`).
-    let half_rtt = conn.rtt() / 2;
+    let half_rtt = rtt / 2;
     Ok(Link {
         conn,
         send,
