@@ -563,6 +563,7 @@ pub struct ClientConfig {
     pub(crate) handshake_timeout: Duration,
     pub(crate) datagram_receive_buffer: usize,
     pub(crate) reconnect: Option<Duration>,
+    pub(crate) sync_wait: Duration,
 }
 
 /// Default time a viewer keeps trying to reconnect after losing its connection.
@@ -582,6 +583,7 @@ impl ClientConfig {
             agent: concat!("quicast/", env!("CARGO_PKG_VERSION")).into(),
             latency: DEFAULT_LATENCY,
             decoder: DecoderConfig::default(),
+            sync_wait: crate::session::DEFAULT_SYNC_WAIT,
             congestion: CongestionControl::default(),
             idle_timeout: DEFAULT_CLIENT_IDLE_TIMEOUT,
             keep_alive: DEFAULT_CLIENT_KEEP_ALIVE,
@@ -645,6 +647,15 @@ impl ClientConfig {
     /// more jitter and reordering at the cost of delay.
     pub fn latency(&mut self, budget: Duration) -> &mut Self {
         self.latency = budget;
+        self
+    }
+
+    /// How long a viewer that joins mid-stream waits for a sync point before
+    /// it delivers from wherever the stream is. Default
+    /// [`DEFAULT_SYNC_WAIT`](crate::session::DEFAULT_SYNC_WAIT), 2 s; see
+    /// [`ReceiverConfig::sync_wait`](crate::session::ReceiverConfig::sync_wait).
+    pub fn sync_wait(&mut self, t: Duration) -> &mut Self {
+        self.sync_wait = t;
         self
     }
 

@@ -97,7 +97,8 @@ impl Client {
         let started = Instant::now();
         let link = open(endpoint, &config).await?;
         let mut rc = ReceiverConfig::new(link.stream_id, config.latency);
-        rc.decoder(config.decoder.clone());
+        rc.decoder(config.decoder.clone())
+            .sync_wait(config.sync_wait);
         let mut receiver = Receiver::new(rc);
         receiver.start(started);
         receiver.set_clock(link.sender_clock_us, link.at);

@@ -14,7 +14,9 @@ mod sender;
 mod stats;
 
 pub use rate::TokenBucket;
-pub use receiver::{Event, Receiver, ReceiverConfig, DEFAULT_REPAIR_DELAY, DEFAULT_STALL_AFTER};
+pub use receiver::{
+    Event, Receiver, ReceiverConfig, DEFAULT_REPAIR_DELAY, DEFAULT_STALL_AFTER, DEFAULT_SYNC_WAIT,
+};
 pub use sender::{
     Sender, SenderConfig, SenderStats, DEFAULT_BURST, DEFAULT_MAX_QUEUE, DEFAULT_PACING_GAIN,
     DEFAULT_REPAIR_SPACING, DEFAULT_STARTUP_LOSS,

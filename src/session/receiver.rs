@@ -60,6 +60,10 @@ pub enum Event {
     },
 }
 
+/// Default of [`ReceiverConfig::sync_wait`]: two of the server example's
+/// one-second sync intervals.
+pub const DEFAULT_SYNC_WAIT: Duration = Duration::from_secs(2);
+
 /// Default gap in delivery after which a viewer counts as stalled.
 pub const DEFAULT_STALL_AFTER: Duration = Duration::from_millis(500);
 
@@ -85,6 +89,7 @@ pub struct ReceiverConfig {
     stall_after: Duration,
     repair: bool,
     repair_delay: Duration,
+    sync_wait: Duration,
 }
 
 impl ReceiverConfig {
@@ -97,7 +102,24 @@ impl ReceiverConfig {
             stall_after: DEFAULT_STALL_AFTER,
             repair: true,
             repair_delay: DEFAULT_REPAIR_DELAY,
+            sync_wait: DEFAULT_SYNC_WAIT,
         }
+    }
+
+    /// How long a viewer that joins mid-stream passes over blocks while it
+    /// waits for one marked as a sync point ([`Event::Block`]'s `sync`), the
+    /// first block it then delivers. Default [`DEFAULT_SYNC_WAIT`], 2 s.
+    ///
+    /// A media decoder can start only at a sync point (a key frame); what
+    /// comes before it is bytes it would discard or, worse, show as garbage.
+    /// Past the wait, delivery starts at the next block whatever it is, so a
+    /// stream that never marks sync points is delayed, never withheld; make
+    /// the wait longer than the stream's sync interval. `Duration::ZERO`
+    /// delivers from the first block seen. A viewer that joins at the start
+    /// (block 0) and one resuming after a reconnect never wait.
+    pub fn sync_wait(&mut self, t: Duration) -> &mut Self {
+        self.sync_wait = t;
+        self
     }
 
     /// Whether to ask the sender for repair of short code groups. Default on.
@@ -382,6 +404,11 @@ pub struct Receiver {
     asks: BTreeMap<u64, Ask>,
     outgoing: VecDeque<Bytes>,
     shortfall: Vec<(u8, ShardSet)>,
+    /// Whether delivery has begun at a sync point (or without one, see
+    /// [`ReceiverConfig::sync_wait`]); until then, when the first block was
+    /// seen (mid-stream).
+    synced: bool,
+    sync_since: Option<Instant>,
 }
 
 /// Repair state of one unfinished block.
@@ -401,6 +428,7 @@ struct Ask {
 impl Receiver {
     /// A receiver with nothing received yet.
     pub fn new(config: ReceiverConfig) -> Self {
+        let synced = config.sync_wait.is_zero();
         Receiver {
             decoder: Decoder::new(config.decoder.clone()),
             config,
@@ -425,6 +453,8 @@ impl Receiver {
             asks: BTreeMap::new(),
             outgoing: VecDeque::new(),
             shortfall: Vec::new(),
+            synced,
+            sync_since: None,
         }
     }
 
@@ -466,6 +496,9 @@ impl Receiver {
         self.events.clear();
         self.asks.clear();
         self.outgoing.clear();
+        // Resuming after an outage: the app has the Reconnected event, and
+        // holding back the live edge would lengthen the gap it already had.
+        self.synced = true;
         self.set_clock(sender_us, at);
     }
 
@@ -555,6 +588,11 @@ impl Receiver {
                 self.note_shard(header.seq, now, deadline);
                 self.newest_ts = self.newest_ts.max(ts);
                 self.highest_seq = Some(self.highest_seq.map_or(header.seq, |h| h.max(header.seq)));
+                if self.next_seq.is_none() && !self.synced {
+                    // Block 0 is the stream's start: nothing to wait for.
+                    self.synced = header.seq == 0;
+                    self.sync_since = Some(now);
+                }
                 self.next_seq.get_or_insert(header.seq);
                 tracing::trace!(seq = header.seq, index = header.index, "shard");
             }
@@ -912,6 +950,25 @@ impl Receiver {
                 break;
             };
             self.next_seq = Some(next + 1);
+            if !self.synced {
+                let waited = self
+                    .sync_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= self.config.sync_wait);
+                match &ready {
+                    Ready::Block { flags, .. } if flags.contains(Flags::SYNC) || waited => {
+                        self.synced = true;
+                    }
+                    Ready::Skipped(count) => {
+                        self.stats.blocks_before_sync += count;
+                        self.next_seq = Some(next.saturating_add(*count));
+                        continue;
+                    }
+                    _ => {
+                        self.stats.blocks_before_sync += 1;
+                        continue;
+                    }
+                }
+            }
             match ready {
                 Ready::Block {
                     timestamp_us,
@@ -1065,6 +1122,66 @@ mod tests {
         let r = s.receiver.report(s.at(14));
         assert_eq!((r.blocks_delivered, r.blocks_recovered), (2, 1));
         assert_eq!(r.shards_missing, 1);
+    }
+
+    /// A viewer joining mid-stream starts at the next sync point: what a
+    /// media decoder could not start on is passed over, not lost, and a
+    /// block lost before the start is not the viewer's loss either.
+    #[test]
+    fn a_mid_stream_join_starts_at_the_next_sync_point() {
+        let mut s = Sim::new();
+        for seq in 10..40u64 {
+            let flags = if seq % 10 == 0 && seq > 10 {
+                Flags::SYNC
+            } else {
+                Flags::empty()
+            };
+            let dgs = s.block(seq, seq * 10, 3000, flags);
+            if seq != 15 {
+                s.feed(seq * 10 + 1, dgs);
+            }
+        }
+        s.receiver.handle_timeout(s.at(600));
+        let events = s.events();
+        let first = events.iter().find_map(|e| match e {
+            Event::Block { seq, sync, .. } => Some((*seq, *sync)),
+            _ => None,
+        });
+        assert_eq!(first, Some((20, true)), "{events:?}");
+        assert!(!events.iter().any(|e| matches!(e, Event::Lost { .. })));
+        let st = s.receiver.stats();
+        assert_eq!(
+            (st.blocks_before_sync, st.blocks_delivered, st.blocks_lost),
+            (10, 20, 0)
+        );
+    }
+
+    /// A stream that never marks a sync point is delayed by the wait, never
+    /// withheld.
+    #[test]
+    fn without_sync_points_delivery_starts_after_the_wait() {
+        let mut s = Sim::new();
+        for seq in 5..305u64 {
+            let dgs = s.block(seq, seq * 10, 3000, Flags::empty());
+            s.feed(seq * 10 + 1, dgs);
+        }
+        let first = s.events().iter().find_map(|e| match e {
+            Event::Block { seq, .. } => Some(*seq),
+            _ => None,
+        });
+        // The first shard came at 51 ms: 2 s later block 205 is the one released.
+        assert_eq!(first, Some(205));
+        let st = s.receiver.stats();
+        assert_eq!((st.blocks_before_sync, st.blocks_delivered), (200, 100));
+        // Off: from the first block seen.
+        let mut s = Sim::new();
+        let mut config = ReceiverConfig::new(1, BUDGET);
+        config.sync_wait(Duration::ZERO);
+        s.receiver = Receiver::new(config);
+        s.receiver.set_clock(0, s.t0);
+        let dgs = s.block(5, 50, 3000, Flags::empty());
+        s.feed(51, dgs);
+        assert_eq!(seqs(&s.events()), vec![(5, true)]);
     }
 
     #[test]

@@ -70,6 +70,10 @@ pub struct ReceiverStats {
     pub repairs_too_late: u64,
     /// Blocks delivered in time after a repair request for them.
     pub blocks_repaired: u64,
+    /// Blocks passed over, neither delivered nor lost, by a viewer that
+    /// joined mid-stream and waited for a sync point
+    /// ([`ReceiverConfig::sync_wait`](super::ReceiverConfig::sync_wait)).
+    pub blocks_before_sync: u64,
     latency: Latency,
 }
 
@@ -98,6 +102,7 @@ impl Default for ReceiverStats {
             shards_rebuilt: 0,
             shards_missing: 0,
             duplicates: 0,
+            blocks_before_sync: 0,
             shards_late: 0,
             out_of_window: 0,
             malformed: 0,
