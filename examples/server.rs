@@ -335,90 +335,94 @@ fn parse_parity(s: &str) -> Result<Parity, String> {
     }
 }
 
-/// Publishes a block per `bitrate` interval from `file`, or from the synthetic stream.
+/// Publishes `file` at `bitrate`, or the synthetic stream. Returns the blocks sent.
 ///
-/// Block `n` is due at `n` intervals after the start, so a late tick is caught up instead of
-/// shifting every later block. Returns the blocks sent.
+/// Reading is tied to elapsed time (chunk `n` is due when `n` chunks' worth of bits have had
+/// their time since the start), so a late wake-up is caught up instead of shifting every later
+/// chunk. A file is cut into blocks as a pipe is ([`common::ts::Blocker`]): for MPEG-TS, a new
+/// block, marked as a sync point, at every key frame.
 async fn paced(
-    mut file: Option<&mut tokio::fs::File>,
+    file: Option<&mut tokio::fs::File>,
     publisher: &mut Publisher,
     block_size: usize,
     bitrate: u64,
 ) -> anyhow::Result<u64> {
     let interval = Duration::from_secs_f64(block_size as f64 * 8.0 / bitrate.max(1) as f64);
-    // Mark a sync point about once a second.
-    let sync_every = (1.0 / interval.as_secs_f64()).ceil().max(1.0) as u64;
-    let mut synthetic = common::Synthetic::new();
     let start = tokio::time::Instant::now();
-    let mut sent = 0u64;
-    loop {
-        tokio::time::sleep_until(start + interval.mul_f64(sent as f64)).await;
-        let block = match file.as_mut() {
-            None => synthetic.block(block_size),
-            Some(reader) => {
-                let mut buf = vec![0u8; block_size];
-                let n = read_full(reader, &mut buf).await?;
-                if n == 0 {
-                    return Ok(sent);
-                }
-                buf.truncate(n);
-                Bytes::from(buf)
-            }
-        };
-        publisher.send(block, sent % sync_every == 0)?;
-        sent += 1;
+    let Some(reader) = file else {
+        // Mark a sync point about once a second.
+        let sync_every = (1.0 / interval.as_secs_f64()).ceil().max(1.0) as u64;
+        let mut synthetic = common::Synthetic::new();
+        let mut sent = 0u64;
+        loop {
+            tokio::time::sleep_until(start + interval.mul_f64(sent as f64)).await;
+            publisher.send(synthetic.block(block_size), sent % sync_every == 0)?;
+            sent += 1;
+        }
+    };
+    let mut blocker = common::ts::Blocker::new(block_size);
+    let mut cuts = Vec::new();
+    let mut buf = vec![0u8; block_size];
+    for n in 0u64.. {
+        tokio::time::sleep_until(start + interval.mul_f64(n as f64)).await;
+        let got = read_full(reader, &mut buf).await?;
+        if got == 0 {
+            blocker.finish(&mut cuts);
+        } else {
+            blocker.push(&buf[..got], std::time::Instant::now(), &mut cuts);
+        }
+        for cut in cuts.drain(..) {
+            publisher.send_taken(cut.data, cut.sync, cut.taken)?;
+        }
+        if got == 0 {
+            break;
+        }
     }
+    Ok(publisher.next_seq())
 }
 
-/// Publishes a pipe's bytes as they arrive: a block when `block_size` bytes are in, or when the
-/// oldest buffered byte has waited `flush`, whichever comes first. Returns the blocks sent.
+/// Publishes a pipe's bytes as they arrive: a block when `block_size` bytes are in, at every
+/// MPEG-TS key frame, or when the oldest buffered byte has waited `flush`, whichever comes
+/// first. Returns the blocks sent.
 ///
 /// The pipe is never re-paced: the source's own pace is the stream's, and reading it promptly
-/// keeps the source from blocking on a full pipe. An early block is cut at a multiple of 188
-/// bytes when it holds at least one TS packet, so TS packets are not split across blocks.
+/// keeps the source from blocking on a full pipe. Each block is stamped with its first byte's
+/// arrival, so the wait for the rest of it counts in every latency figure. An early block is cut
+/// at whole TS packets, so TS packets are not split across blocks.
 async fn forward_pipe(
     mut reader: impl tokio::io::AsyncRead + Unpin,
     publisher: &mut Publisher,
     block_size: usize,
     flush: Duration,
 ) -> anyhow::Result<u64> {
-    let mut pending = bytes::BytesMut::with_capacity(block_size * 2);
+    let mut blocker = common::ts::Blocker::new(block_size);
+    let mut cuts = Vec::new();
     let mut read_buf = vec![0u8; block_size.max(64 * 1024)];
-    let mut oldest: Option<tokio::time::Instant> = None;
-    let mut last_sync: Option<tokio::time::Instant> = None;
-    let mut publish = |block: Bytes, publisher: &mut Publisher| {
-        let now = tokio::time::Instant::now();
-        let sync = last_sync.is_none_or(|t| now - t >= Duration::from_secs(1));
-        if sync {
-            last_sync = Some(now);
-        }
-        publisher.send(block, sync).map(drop)
-    };
     loop {
-        let deadline = oldest.map(|t| t + flush);
+        let deadline = blocker
+            .oldest()
+            .map(|t| tokio::time::Instant::from_std(t) + flush);
         tokio::select! {
             // Cancel safe: a read cut short by the deadline hands its bytes to the next call.
             r = reader.read(&mut read_buf) => {
                 let n = r.context("reading stdin")?;
                 if n == 0 {
-                    if !pending.is_empty() {
-                        publish(pending.split().freeze(), publisher)?;
-                    }
-                    return Ok(publisher.next_seq());
+                    blocker.finish(&mut cuts);
+                } else {
+                    blocker.push(&read_buf[..n], std::time::Instant::now(), &mut cuts);
                 }
-                let now = tokio::time::Instant::now();
-                oldest.get_or_insert(now);
-                pending.extend_from_slice(&read_buf[..n]);
-                while pending.len() >= block_size {
-                    publish(pending.split_to(block_size).freeze(), publisher)?;
-                    oldest = (!pending.is_empty()).then_some(now);
+                for cut in cuts.drain(..) {
+                    publisher.send_taken(cut.data, cut.sync, cut.taken)?;
+                }
+                if n == 0 {
+                    return Ok(publisher.next_seq());
                 }
             }
             _ = sleep_until_opt(deadline) => {
-                let aligned = pending.len() / common::TS_PACKET * common::TS_PACKET;
-                let take = if aligned == 0 { pending.len() } else { aligned };
-                publish(pending.split_to(take).freeze(), publisher)?;
-                oldest = (!pending.is_empty()).then(tokio::time::Instant::now);
+                blocker.flush(&mut cuts);
+                for cut in cuts.drain(..) {
+                    publisher.send_taken(cut.data, cut.sync, cut.taken)?;
+                }
             }
         }
     }

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each example uses a different subset
 
 pub mod metrics;
+pub mod ts;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -163,6 +164,12 @@ pub fn print_report(
         outages.reconnects
     );
     eprintln!("  blocks late           {:>10}", stats.blocks_late);
+    if stats.blocks_before_sync > 0 {
+        eprintln!(
+            "  before first sync     {:>10}  (joined mid-stream: passed over, not lost)",
+            stats.blocks_before_sync
+        );
+    }
     eprintln!(
         "  media delivered       {:>10.2} MB",
         stats.bytes_delivered as f64 / 1e6
@@ -274,6 +281,7 @@ pub fn stats_json(stats: &ReceiverStats, outages: Outages) -> serde_json::Value 
         "blocks_recovered": stats.blocks_recovered,
         "blocks_lost": stats.blocks_lost,
         "blocks_late": stats.blocks_late,
+        "blocks_before_sync": stats.blocks_before_sync,
         "bytes_delivered": stats.bytes_delivered,
         "shards_received": stats.shards_received,
         "shards_rebuilt": stats.shards_rebuilt,

@@ -842,16 +842,32 @@ impl Publisher {
     ///
     /// Never blocks: viewers that fall behind skip blocks (counted), they do
     /// not slow the publisher. `sync` marks a point where decoding can start.
+    ///
+    /// The block is stamped now: its latency and deadline count from this
+    /// call. When its bytes arrived earlier (a block gathered from a pipe),
+    /// use [`send_taken`](Self::send_taken) so the wait counts too.
     pub fn send(&mut self, block: Bytes, sync: bool) -> Result<u64, ServerError> {
-        self.send_flags(&block, if sync { Flags::SYNC } else { Flags::empty() })
+        self.send_taken(block, sync, Instant::now())
     }
 
-    fn send_flags(&mut self, block: &[u8], flags: Flags) -> Result<u64, ServerError> {
+    /// As [`send`](Self::send), for a block whose first byte reached the
+    /// application at `taken`: viewers measure its latency, and both sides
+    /// its deadline, from then, so time spent gathering the block (or in any
+    /// queue before this call) is part of every figure rather than hidden
+    /// before it. A `taken` later than now counts as now; one before the
+    /// stream was created, as its creation.
+    pub fn send_taken(
+        &mut self,
+        block: Bytes,
+        sync: bool,
+        taken: Instant,
+    ) -> Result<u64, ServerError> {
+        let flags = if sync { Flags::SYNC } else { Flags::empty() };
         let seq = self.seq;
-        let now = Instant::now();
+        let now = taken.min(Instant::now()).max(self.epoch);
         // Wraps; receivers unwrap.
         let ts = now.saturating_duration_since(self.epoch).as_micros() as u32;
-        let encoded = self.encoder.encode(seq, ts, flags, block)?;
+        let encoded = self.encoder.encode(seq, ts, flags, &block)?;
         self.seq += 1;
         let c = &self.shared.counters;
         c.blocks_published.fetch_add(1, Relaxed);

@@ -6,96 +6,11 @@
 pub(crate) mod common;
 
 use std::{
-    io::{BufRead, BufReader},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-/// target/<profile>/examples/<name>, built by `cargo test` alongside the tests.
-pub(crate) fn example(name: &str) -> PathBuf {
-    let mut dir = std::env::current_exe().expect("test binary path");
-    dir.pop(); // the test binary
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let path = dir.join("examples").join(name);
-    assert!(
-        path.exists(),
-        "{} missing: run through `cargo test`, which builds the examples",
-        path.display()
-    );
-    path
-}
-
-pub(crate) fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Kills the child if the test fails before waiting on it.
-pub(crate) struct Guard(pub(crate) Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the server example and waits until it listens.
-fn start_server(args: &[&str]) -> (Guard, String) {
-    let (guard, addr, _) = start_server_lines(args);
-    (guard, addr)
-}
-
-/// [`start_server`], and the server's stderr lines from then on.
-fn start_server_lines(args: &[&str]) -> (Guard, String, std::sync::mpsc::Receiver<String>) {
-    let port = free_udp_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new(example("server"))
-        .args(["--listen", &addr])
-        .args(args)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn server example");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[server] {line}");
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains("quicast server on") => break,
-            Ok(_) => {}
-            Err(_) => panic!("server example did not start"),
-        }
-    }
-    (Guard(child), addr, rx)
-}
-
-fn wait(mut guard: Guard, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = guard.0.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "process did not exit in {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use crate::procs::{example, free_udp_port, start_server, start_server_lines, temp, wait, Guard};
 
 /// Runs the client example to its end (at most `limit`), its stderr
 /// captured so its report does not land in the middle of `cargo test`'s
@@ -125,10 +40,6 @@ fn rest(lines: &std::sync::mpsc::Receiver<String>) -> Vec<String> {
         out.push(line);
     }
     out
-}
-
-fn temp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("quicast-it-{}-{name}", std::process::id()))
 }
 
 #[test]
@@ -246,8 +157,9 @@ fn client_example_with_a_wrong_token_fails_and_the_right_one_is_served() {
             &addr,
             "--token",
             "open-sesame",
+            // Joining mid-stream waits up to a second for a sync point.
             "--duration",
-            "1",
+            "3",
         ])
         .args(["--stats-json", good.to_str().unwrap()])
         .output()
@@ -583,8 +495,9 @@ fn client_example_accepts_a_host_name() {
         &[
             "--server",
             &format!("localhost:{port}"),
+            // Joining mid-stream waits up to a second for a sync point.
             "--duration",
-            "1",
+            "3",
             "--stats-json",
             stats.to_str().unwrap(),
         ],

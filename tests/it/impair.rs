@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::examples::{example, free_udp_port, Guard};
+use super::procs::{example, free_udp_port, Guard};
 
 /// One-way delay the relay is asked for.
 const DELAY_MS: f64 = 20.0;

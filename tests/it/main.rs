@@ -6,6 +6,7 @@ mod examples;
 mod faults;
 mod impair;
 mod nats;
+mod procs;
 mod props;
 mod recovery;
 mod transport;

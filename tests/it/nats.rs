@@ -476,7 +476,7 @@ async fn get_metrics(addr: &str) -> Option<String> {
 /// a `client`, and `aggregator`, whose `/metrics` shows the viewer under its server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_and_aggregator_examples_show_the_viewer_by_server() {
-    use crate::examples::{example, free_udp_port, Guard};
+    use crate::procs::{example, free_udp_port, Guard};
     let Some(nats) = NatsServer::start() else {
         return;
     };
