@@ -883,7 +883,10 @@ async fn saturation_quicast(opts: &Opts, secs: f64) -> anyhow::Result<(f64, f64,
         let mut seq = 0u64;
         let data = block(0, block_size);
         while Instant::now() < end {
-            publisher.send(data.clone(), false)?;
+            // Every block is a start point: the viewer, which may first see
+            // a later block when the congested sender dropped the earliest,
+            // does not wait for a sync point that never comes.
+            publisher.send(data.clone(), true)?;
             seq += 1;
             tokio::task::yield_now().await;
         }

@@ -1,7 +1,7 @@
-//! Real media through the examples: an ffmpeg MPEG-TS stream piped into
+//! Live input through the examples: an ffmpeg MPEG-TS stream piped into
 //! `server --input -` and watched with `client --output`, checked with
-//! ffmpeg's own decoder. Skips, saying so, where ffmpeg is not installed
-//! (`.ci/run` installs it).
+//! ffmpeg's own decoder (skips, saying so, where ffmpeg is not installed;
+//! `.ci/run` installs it), and a paced pipe that stalls.
 //!
 //! In its own test binary: five processes for half a minute would otherwise
 //! load the cores under the latency-sensitive tests `cargo test` runs beside
@@ -200,4 +200,89 @@ fn ffmpeg_ts_through_server_and_client_decodes_whole_and_a_late_joiner_starts_on
     for f in [src, a, b] {
         let _ = std::fs::remove_file(f);
     }
+}
+
+/// A paced pipe that stalls for 50 ms in the middle: the server reads the
+/// pipe as it comes (it never re-paces it), so once the backlog of the stall
+/// has gone out, latency is back where it was. A server that paced stdin by
+/// its own ticks kept the stall as a standing delay for the rest of the run.
+#[test]
+fn latency_after_a_stall_in_the_pipe_returns_to_its_level_before() {
+    const CHUNK: usize = 1316;
+    const EVERY: Duration = Duration::from_micros(2632); // 4 Mbit/s
+    const CHUNKS: u64 = 2280; // 6 s
+    const STALL_AT: u64 = 1140;
+    let (mut server, addr, _lines) =
+        start_server_stdin(&["--input", "-", "--exit-at-end"], Stdio::piped());
+    let mut stdin = server.0.stdin.take().unwrap();
+    let mut child = Command::new(example("client"))
+        .args(["--server", &addr, "--latency", "300", "--output", "-"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn client example");
+    let (mut out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let (subscribed, ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if line.contains("subscribed to") {
+                let _ = subscribed.send(());
+            }
+            eprintln!("[viewer] {line}");
+        }
+    });
+    let client = Guard(child);
+    ready
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the viewer subscribed");
+    let epoch = Instant::now();
+    // Each chunk: its number and when it was written, µs since `epoch`.
+    let reader = std::thread::spawn(move || {
+        let mut latency = vec![None; CHUNKS as usize];
+        let mut buf = [0u8; CHUNK];
+        while std::io::Read::read_exact(&mut out, &mut buf).is_ok() {
+            let n = u64::from_be_bytes(buf[..8].try_into().unwrap());
+            let sent = u64::from_be_bytes(buf[8..16].try_into().unwrap());
+            if let Some(slot) = latency.get_mut(n as usize) {
+                let now = epoch.elapsed().as_micros() as u64;
+                *slot = Some(now.saturating_sub(sent) as f64 / 1000.0);
+            }
+        }
+        latency
+    });
+    for n in 0..CHUNKS {
+        let due = epoch + EVERY * n as u32;
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        if n == STALL_AT {
+            // The source stalls, then writes what it owes at once.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut chunk = vec![0u8; CHUNK];
+        chunk[..8].copy_from_slice(&n.to_be_bytes());
+        let sent = epoch.elapsed().as_micros() as u64;
+        chunk[8..16].copy_from_slice(&sent.to_be_bytes());
+        std::io::Write::write_all(&mut stdin, &chunk).expect("write to the server");
+    }
+    drop(stdin);
+    assert!(wait(client, Duration::from_secs(30)).success());
+    assert!(wait(server, Duration::from_secs(30)).success());
+    let latency = reader.join().unwrap();
+    let median = |range: std::ops::Range<u64>| {
+        let mut v: Vec<f64> = range.filter_map(|n| latency[n as usize]).collect();
+        assert!(v.len() > 300, "{} chunks arrived in the window", v.len());
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    // One second before the stall, and from one second after it to the end.
+    let (before, after) = (median(380..STALL_AT), median(STALL_AT + 380..CHUNKS));
+    let arrived = latency.iter().flatten().count();
+    println!("chunks arrived {arrived} of {CHUNKS}; median latency before the stall {before:.2} ms, after {after:.2} ms");
+    assert_eq!(
+        arrived as u64, CHUNKS,
+        "every chunk arrived on a clean path"
+    );
+    assert!(
+        (after - before).abs() < 3.0,
+        "latency before the stall {before:.2} ms, after it {after:.2} ms"
+    );
 }
